@@ -1,0 +1,78 @@
+"""Checkpoints written atomically (temporary file, fsync, rename) with a SHA-256 beside each, the last few kept.
+
+Payloads hold tensors and plain values only, so they load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from metacore.core.errors import CheckpointError
+
+PATTERN = "step-{step:09d}.pt"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(payload: dict[str, Any], directory: str | Path, step: int, keep: int = 3) -> Path:
+    """Write ``payload`` as ``step-NNNNNNNNN.pt`` (+ ``.sha256``) atomically; prune to the newest ``keep``."""
+    import torch
+
+    directory = Path(directory)
+    target = directory / PATTERN.format(step=step)
+    tmp = target.with_suffix(".pt.tmp")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        digest = _sha256(tmp)
+        os.replace(tmp, target)
+        sidecar = target.with_suffix(".pt.sha256")
+        sidecar_tmp = sidecar.with_suffix(".tmp")
+        sidecar_tmp.write_text(digest + "\n")
+        os.replace(sidecar_tmp, sidecar)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint in {directory}: {exc.strerror or exc}") from None
+    for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
+        old.unlink(missing_ok=True)
+        old.with_suffix(".pt.sha256").unlink(missing_ok=True)
+    return target
+
+
+def list_checkpoints(directory: str | Path) -> list[Path]:
+    """Checkpoint files in step order, oldest first."""
+    directory = Path(directory)
+    return sorted(directory.glob("step-*.pt")) if directory.is_dir() else []
+
+
+def is_intact(path: Path) -> bool:
+    sidecar = path.with_suffix(".pt.sha256")
+    try:
+        return sidecar.read_text().strip() == _sha256(path)
+    except OSError:
+        return False
+
+
+def load_latest(directory: str | Path, map_location: Any = "cpu") -> tuple[Path, dict[str, Any]]:
+    """The newest intact checkpoint; a corrupted newer one is skipped with a note on stderr."""
+    import torch
+
+    for path in reversed(list_checkpoints(directory)):
+        if not is_intact(path):
+            print(f"metacore: checkpoint {path} is corrupted (checksum mismatch); trying an older one", file=sys.stderr)
+            continue
+        return path, torch.load(path, map_location=map_location, weights_only=True)
+    raise CheckpointError(f"no intact checkpoint in {directory}")

@@ -1,0 +1,31 @@
+"""One error family, so the CLI can tell a user's mistake (exit 2) from a bug (exit 1)."""
+
+from __future__ import annotations
+
+
+class MetacoreError(Exception):
+    """Base of every error metacore raises on purpose. The CLI prints the message and exits 2."""
+
+
+class UsageError(MetacoreError):
+    """Bad input: an unknown name, a value out of bounds, a malformed flag."""
+
+
+class RegistryError(MetacoreError):
+    """A plugin registered something twice, or something that is not a task/controller."""
+
+
+class DataError(MetacoreError):
+    """Data are missing, truncated or of the wrong schema."""
+
+
+class TrackingError(MetacoreError):
+    """The MLflow store cannot be opened or written."""
+
+
+class CheckpointError(MetacoreError):
+    """No intact checkpoint, or a checkpoint location that cannot be written."""
+
+
+class ControllerError(MetacoreError):
+    """A controller proposed a change that is not allowed (unknown name, non-finite value)."""

@@ -1,0 +1,126 @@
+"""Hyperparameter specs: what a task lets a controller (or the user) change, within which bounds, and where it acts.
+
+Every value that reaches a run, from ``--set`` or from a controller, passes through :meth:`HParamSpace.validate`, so a
+negative learning rate, a NaN or an unknown name is rejected with a message that says what would have been allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal
+
+from metacore.core.errors import ControllerError, UsageError
+from metacore.core.options import parse_number
+
+ActsOn = Literal["optimizer", "model", "data"]
+
+
+@dataclass(frozen=True)
+class HParamSpec:
+    """One tunable hyperparameter.
+
+    ``acts_on`` says where the value goes: ``optimizer`` writes ``group_key`` of every param group (``lr``,
+    ``momentum``, ``weight_decay``; ``betas`` with ``index`` for Adam's beta1/beta2), ``model`` is a model knob the task
+    applies (dropout), ``data`` is read by the data pipeline (batch size). ``log`` marks values that controllers
+    should move multiplicatively (learning rates), which also means they must stay strictly positive.
+    """
+
+    name: str
+    default: float
+    low: float
+    high: float
+    log: bool = False
+    acts_on: ActsOn = "optimizer"
+    group_key: str | None = None
+    index: int | None = None
+    integer: bool = False
+    help: str = ""
+
+    def __post_init__(self) -> None:
+        if not (self.low <= self.default <= self.high):
+            raise ValueError(f"hparam {self.name}: default {self.default} outside [{self.low}, {self.high}]")
+        if self.log and self.low <= 0:
+            raise ValueError(f"hparam {self.name}: log-scale needs a positive lower bound")
+
+    @property
+    def key(self) -> str:
+        """The optimizer param-group key this spec writes (its own name unless ``group_key`` says otherwise)."""
+        return self.group_key or self.name
+
+    def check(self, raw: Any, source: str = "") -> float | int:
+        """Parse and bounds-check one value; raise UsageError on anything not allowed."""
+        what = f"{self.name}{' from ' + source if source else ''}"
+        value = parse_number(raw, what, integer=self.integer)
+        if not (self.low <= value <= self.high):
+            raise UsageError(f"{what} must lie in [{self.low:g}, {self.high:g}], got {raw!r}")
+        return value
+
+    def clip(self, value: float) -> float | int:
+        """Clamp a finite value into bounds (what controllers get when they overshoot)."""
+        value = min(max(float(value), self.low), self.high)
+        return int(round(value)) if self.integer else value
+
+
+class HParamSpace:
+    """The ordered set of a task's hyperparameters."""
+
+    def __init__(self, specs: Iterable[HParamSpec], owner: str = "task") -> None:
+        self.owner = owner
+        self.specs: dict[str, HParamSpec] = {}
+        for spec in specs:
+            if spec.name in self.specs:
+                raise ValueError(f"{owner}: hyperparameter {spec.name!r} declared twice")
+            self.specs[spec.name] = spec
+
+    def __iter__(self):
+        return iter(self.specs.values())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.specs
+
+    def __getitem__(self, name: str) -> HParamSpec:
+        return self.specs[name]
+
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def defaults(self) -> dict[str, float]:
+        return {s.name: s.default for s in self.specs.values()}
+
+    def _spec(self, name: str) -> HParamSpec:
+        if name not in self.specs:
+            raise UsageError(f"unknown hyperparameter {name!r} for {self.owner} (known: {', '.join(self.specs)})")
+        return self.specs[name]
+
+    def validate(self, values: dict[str, Any], source: str = "") -> dict[str, float]:
+        """Check user-given values strictly (unknown name, non-number, out of bounds: UsageError)."""
+        return {name: self._spec(name).check(raw, source) for name, raw in values.items()}
+
+    def resolve(self, given: dict[str, Any]) -> dict[str, float]:
+        """Defaults overridden by validated ``given`` values."""
+        values = self.defaults()
+        values.update(self.validate(given))
+        return values
+
+    def sanitize(self, changes: dict[str, Any], owner: str) -> dict[str, Any]:
+        """Controller output: unknown names and non-finite floats are errors, finite values are clipped into bounds.
+
+        Values may be 0-dim tensors (so a controller can keep a learning rate on the device between logging
+        intervals); those are clamped on the device, with NaN replaced by the lower bound, without a host sync.
+        """
+        out: dict[str, Any] = {}
+        for name, value in changes.items():
+            if name not in self.specs:
+                raise ControllerError(f"controller {owner} changed unknown hyperparameter {name!r}")
+            spec = self.specs[name]
+            if hasattr(value, "clamp"):  # a torch tensor
+                out[name] = value.detach().nan_to_num(nan=spec.low, posinf=spec.high, neginf=spec.low).clamp(
+                    spec.low, spec.high
+                )
+                continue
+            value = float(value)
+            if not math.isfinite(value):
+                raise ControllerError(f"controller {owner} proposed non-finite {name}={value}")
+            out[name] = spec.clip(value)
+        return out

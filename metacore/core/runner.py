@@ -1,0 +1,215 @@
+"""``metacore run``: a controller and its baseline, same seed, budget and data order, as child runs of one parent.
+
+Everything the user gave is validated before anything is written, so bad input leaves no half-made run behind.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from metacore.core.errors import UsageError
+from metacore.core.registry import Registry, load_registry
+from metacore.core.task import Preset, Task, TaskContext, TaskData
+from metacore.core.tracking import MlflowTracker, Tracker
+
+CHECKPOINT_ROOT = Path("mlflow_runs") / "checkpoints"
+
+
+@dataclass
+class RunRequest:
+    task: str
+    controller: str
+    baseline: str | None = "static"  # None: no baseline
+    preset: str = "small"
+    steps: int | None = None
+    epochs: float | None = None
+    seed: int = 0
+    seeds: int = 1
+    sets: dict[str, str] = field(default_factory=dict)
+    controller_sets: dict[str, str] = field(default_factory=dict)
+    data_dir: str | None = None
+    tracking_uri: str | None = None
+    experiment: str | None = None
+    device: str = "auto"
+    checkpoint_interval: int | None = None
+    checkpoint_dir: str | None = None
+
+
+@dataclass
+class Plan:
+    """A validated request: the objects a run needs, built before any side effect."""
+
+    request: RunRequest
+    task: Task
+    preset: Preset
+    options: dict[str, Any]
+    hparams: dict[str, float]
+    roles: list[tuple[str, str, type, dict[str, Any]]]  # (role, controller name, class, options)
+    device: str
+    data_dir: Path | None
+    plugins: dict[str, str]  # name -> plugin it came from
+
+
+def plan_run(request: RunRequest, registry: Registry | None = None) -> Plan:
+    registry = registry or load_registry()
+    task_entry = registry.task(request.task)
+    task: Task = task_entry.obj()
+    preset = task.preset(request.preset)
+    space = task.hparam_space()
+    hp_given = {k: v for k, v in request.sets.items() if k in space}
+    opt_given = {k: v for k, v in request.sets.items() if k not in space}
+    unknown = [k for k in opt_given if k not in task.option_specs()]
+    if unknown:
+        raise UsageError(
+            f"unknown hyperparameter or option {unknown[0]!r} for task {task.name} "
+            f"(hyperparameters: {', '.join(space.names())}; options: {', '.join(task.option_specs()) or 'none'})"
+        )
+    hparams = space.resolve(hp_given)
+    options = task.resolve_options(preset, opt_given)
+    if request.steps is not None and request.steps < 1:
+        raise UsageError(f"--steps must be at least 1, got {request.steps}")
+    if request.epochs is not None and not request.epochs > 0:
+        raise UsageError(f"--epochs must be positive, got {request.epochs}")
+    if request.seeds < 1:
+        raise UsageError(f"--seeds must be at least 1, got {request.seeds}")
+    if request.checkpoint_interval is not None and request.checkpoint_interval < 0:
+        raise UsageError(f"--checkpoint-interval must be >= 0, got {request.checkpoint_interval}")
+
+    ctrl_entry = registry.controller(request.controller)
+    roles = [("controller", ctrl_entry.name, ctrl_entry.obj, ctrl_entry.obj(**request.controller_sets).config)]
+    plugins = {task.name: task_entry.plugin, ctrl_entry.name: ctrl_entry.plugin}
+    if request.baseline:
+        base_entry = registry.controller(request.baseline)
+        roles.append(("baseline", base_entry.name, base_entry.obj, base_entry.obj().config))
+        plugins[base_entry.name] = base_entry.plugin
+    data_dir = request.data_dir or os.environ.get("METACORE_DATA_DIR")
+    if data_dir and not Path(data_dir).is_dir():
+        raise UsageError(f"data directory {data_dir} does not exist")
+    return Plan(request, task, preset, options, hparams, roles, resolve_device(request.device),
+                Path(data_dir) if data_dir else None, plugins)
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available")
+    return device
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent, text=True,
+                             capture_output=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def budget_steps(plan: Plan, data: TaskData, hparams: dict[str, float]) -> int:
+    req = plan.request
+    if req.steps is not None:
+        return req.steps
+    if req.epochs is not None:
+        per_epoch = max(1, data.train_size // int(hparams.get("batch_size", 32)))
+        return max(1, round(req.epochs * per_epoch))
+    return plan.preset.steps
+
+
+def execute(plan: Plan, tracker: Tracker | None = None, progress: Any = None) -> dict[str, Any]:
+    """Run every (seed, role) of the plan; return the JSON summary of DESIGN §1."""
+    from metacore import __version__
+    from metacore.core.trainer import Trainer, TrainerConfig
+
+    req, task = plan.request, plan.task
+    tracker = tracker or MlflowTracker(req.tracking_uri)
+    experiment = req.experiment or task.name
+    common = {"task": task.name, "preset": plan.preset.name, "device": plan.device, "metacore.version": __version__,
+              "git.commit": git_commit(), **{f"option.{k}": v for k, v in plan.options.items()},
+              **{f"hparam.{k}": v for k, v in plan.hparams.items()}}
+    baseline = req.baseline or "none"
+    parent_id = tracker.start_run(
+        experiment, f"{req.controller} vs {baseline}",
+        tags={"metacore.role": "parent", "metacore.task": task.name, "metacore.controller": req.controller,
+              "metacore.baseline": baseline},
+        params={**common, "controller": req.controller, "baseline": baseline, "seeds": req.seeds,
+                "first_seed": req.seed})
+    summary: dict[str, Any] = {"parent_run_id": parent_id, "task": task.name, "preset": plan.preset.name,
+                               "experiment": experiment, "tracking_uri": tracker.uri, "runs": []}
+    data_cache: dict[int, TaskData] = {}
+    status = "FAILED"
+    try:
+        for seed in range(req.seed, req.seed + req.seeds):
+            for role, name, cls, config in plan.roles:
+                ctx = TaskContext(plan.preset, dict(plan.options), seed, plan.device, plan.data_dir,
+                                  dict(plan.hparams))
+                if seed not in data_cache:
+                    data_cache = {seed: task.load_data(ctx)}  # one seed's data at a time
+                data = data_cache[seed]
+                budget = budget_steps(plan, data, plan.hparams)
+                controller = cls(**config)
+                run_id = tracker.start_run(
+                    experiment, f"{name} seed {seed}" + (" (baseline)" if role == "baseline" else ""),
+                    parent_id=parent_id,
+                    tags={"metacore.role": role, "metacore.controller": name, "metacore.task": task.name,
+                          "metacore.seed": str(seed)},
+                    params={**common, "controller": name, "role": role, "seed": seed, "budget_steps": budget,
+                            **{f"controller.{k}": v for k, v in config.items()}, **data.info})
+                ckpt_dir, ckpt_interval = _checkpointing(plan, run_id)
+                cfg = TrainerConfig(budget=budget, log_interval=plan.preset.log_interval,
+                                    eval_interval=plan.preset.eval_interval, checkpoint_interval=ckpt_interval,
+                                    checkpoint_dir=ckpt_dir)
+                on_log = progress.start(f"{name} seed {seed}", budget) if progress else None
+                run_status = "FAILED"
+                try:
+                    trainer = Trainer(task, controller, ctx, plan.hparams, cfg, data=data, tracker=tracker,
+                                      run_id=run_id, on_log=on_log)
+                    result = trainer.run()
+                    run_status = "FINISHED"
+                except KeyboardInterrupt:
+                    run_status = "KILLED"
+                    raise
+                finally:
+                    if progress:
+                        progress.stop()
+                    tracker.end_run(run_id, run_status)
+                tracker.set_tags(run_id, {"metacore.diverged": str(result.diverged).lower()})
+                summary["runs"].append({
+                    "run_id": run_id, "controller": name, "role": role, "seed": seed, "steps": result.steps,
+                    "wall_s": result.wall_s, "final": result.final, "best": result.best,
+                    "hparams_final": result.hparams_final, "diverged": result.diverged,
+                    "rollbacks": result.rollbacks})
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.log_dict(parent_id, summary, "summary.json")
+        tracker.end_run(parent_id, status)
+    return summary
+
+
+def _checkpointing(plan: Plan, run_id: str) -> tuple[Path | None, int]:
+    interval = plan.request.checkpoint_interval
+    interval = plan.preset.checkpoint_interval if interval is None else interval
+    if not interval and not plan.request.checkpoint_dir:
+        return None, 0
+    root = Path(plan.request.checkpoint_dir) if plan.request.checkpoint_dir else CHECKPOINT_ROOT
+    return root / run_id, interval
+
+
+def run(request: RunRequest, registry: Registry | None = None, tracker: Tracker | None = None,
+        progress: Any = None) -> dict[str, Any]:
+    """Validate, then execute. The programmatic twin of ``metacore run``."""
+    return execute(plan_run(request, registry), tracker, progress)
+

@@ -1,0 +1,205 @@
+"""Tracking: MLflow behind a small interface, and an in-memory tracker for tests and the gym environment.
+
+Metrics are buffered per run and written with ``log_batch`` (at most 1000 per call), never one SQLite transaction
+per step. Runs are addressed by id through ``MlflowClient``, so there is no global "active run" to leak between the
+controller and baseline runs of one command.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+from metacore.core.errors import TrackingError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow_runs/mlflow.db"
+FLUSH_EVERY = 500  # buffered metric values per run before a write
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+class Tracker:
+    """Interface. ``start_run`` returns a run id; metrics are buffered until ``flush`` or ``end_run``."""
+
+    uri: str = ""
+
+    def start_run(self, experiment: str, name: str, *, parent_id: str | None = None,
+                  tags: Mapping[str, str] | None = None, params: Mapping[str, Any] | None = None) -> str:
+        raise NotImplementedError
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        raise NotImplementedError
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
+        raise NotImplementedError
+
+    def log_dict(self, run_id: str, obj: Any, filename: str) -> None:
+        raise NotImplementedError
+
+    def log_artifact(self, run_id: str, path: str | Path) -> None:
+        raise NotImplementedError
+
+    def flush(self, run_id: str | None = None) -> None:
+        pass
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        raise NotImplementedError
+
+
+def _param_str(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
+    return text[:500]
+
+
+class MemoryTracker(Tracker):
+    """Keeps everything in dictionaries; what tests inspect."""
+
+    uri = "memory:"
+
+    def __init__(self) -> None:
+        self.runs: dict[str, dict[str, Any]] = {}
+
+    def start_run(self, experiment, name, *, parent_id=None, tags=None, params=None) -> str:
+        run_id = uuid.uuid4().hex
+        self.runs[run_id] = {"experiment": experiment, "name": name, "parent_id": parent_id, "tags": dict(tags or {}),
+                             "params": {}, "metrics": {}, "artifacts": {}, "status": "RUNNING"}
+        self.log_params(run_id, params or {})
+        return run_id
+
+    def log_params(self, run_id, params) -> None:
+        self.runs[run_id]["params"].update({k: _param_str(v) for k, v in params.items()})
+
+    def set_tags(self, run_id, tags) -> None:
+        self.runs[run_id]["tags"].update(tags)
+
+    def log_metrics(self, run_id, metrics, step) -> None:
+        for key, value in metrics.items():
+            self.runs[run_id]["metrics"].setdefault(key, []).append((int(step), float(value)))
+
+    def log_dict(self, run_id, obj, filename) -> None:
+        self.runs[run_id]["artifacts"][filename] = json.loads(json.dumps(obj))
+
+    def log_artifact(self, run_id, path) -> None:
+        self.runs[run_id]["artifacts"][Path(path).name] = str(path)
+
+    def end_run(self, run_id, status="FINISHED") -> None:
+        self.runs[run_id]["status"] = status
+
+    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        return self.runs[run_id]["metrics"].get(key, [])
+
+
+class MlflowTracker(Tracker):
+    """MLflow through ``MlflowClient``; a local SQLite store by default (``sqlite:///mlflow_runs/mlflow.db``)."""
+
+    def __init__(self, uri: str | None = None, artifact_root: str | Path | None = None) -> None:
+        self.uri = uri or default_tracking_uri()
+        self._artifact_root = Path(artifact_root) if artifact_root else None
+        self._buffers: dict[str, list[Any]] = {}
+        self._experiments: dict[str, str] = {}
+        self._prepare_local_store()
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "creating tables" chatter on stderr
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        try:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client.search_experiments(max_results=1)  # opens (and migrates) the store now, not mid-run
+        except Exception as exc:
+            raise TrackingError(f"cannot open the MLflow store {self.uri}: {_first_line(exc)}") from None
+
+    def _prepare_local_store(self) -> None:
+        """Create the folder of a local SQLite store and check it is writable, so a bad location fails early."""
+        if not self.uri.startswith("sqlite:///"):
+            return
+        db = Path(self.uri[len("sqlite:///"):])
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=db.parent, prefix=".write-test-"):
+                pass
+            if db.exists() and not os.access(db, os.W_OK):
+                raise PermissionError(f"{db} is read-only")
+        except OSError as exc:
+            raise TrackingError(f"cannot write the MLflow store {self.uri}: {_first_line(exc)}") from None
+        if self._artifact_root is None:
+            self._artifact_root = db.parent / "artifacts"
+
+    def _experiment_id(self, name: str) -> str:
+        if name not in self._experiments:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                location = (self._artifact_root / name).resolve().as_uri() if self._artifact_root else None
+                exp_id = self.client.create_experiment(name, artifact_location=location)
+            else:
+                exp_id = exp.experiment_id
+            self._experiments[name] = exp_id
+        return self._experiments[name]
+
+    def start_run(self, experiment, name, *, parent_id=None, tags=None, params=None) -> str:
+        try:
+            all_tags = dict(tags or {})
+            if parent_id:
+                all_tags["mlflow.parentRunId"] = parent_id
+            run = self.client.create_run(self._experiment_id(experiment), tags=all_tags, run_name=name)
+        except Exception as exc:
+            raise TrackingError(f"cannot create a run in {self.uri}: {_first_line(exc)}") from None
+        run_id = run.info.run_id
+        self._buffers[run_id] = []
+        if params:
+            self.log_params(run_id, params)
+        return run_id
+
+    def log_params(self, run_id, params) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_str(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def set_tags(self, run_id, tags) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id, metrics, step) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        buffer = self._buffers.setdefault(run_id, [])
+        buffer.extend(Metric(k, float(v), now, int(step)) for k, v in metrics.items())
+        if len(buffer) >= FLUSH_EVERY:
+            self.flush(run_id)
+
+    def flush(self, run_id=None) -> None:
+        for rid in [run_id] if run_id else list(self._buffers):
+            buffer = self._buffers.get(rid) or []
+            for i in range(0, len(buffer), 1000):
+                self.client.log_batch(rid, metrics=buffer[i : i + 1000])
+            self._buffers[rid] = []
+
+    def log_dict(self, run_id, obj, filename) -> None:
+        self.client.log_dict(run_id, obj, filename)
+
+    def log_artifact(self, run_id, path) -> None:
+        self.client.log_artifact(run_id, str(path))
+
+    def end_run(self, run_id, status="FINISHED") -> None:
+        self.flush(run_id)
+        self.client.set_terminated(run_id, status=status)
+        self._buffers.pop(run_id, None)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

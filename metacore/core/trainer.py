@@ -1,0 +1,359 @@
+"""The one training loop, used by ``metacore run`` and driven step-wise by the gymnasium environment.
+
+Each step: draw the next batch of the seed's data order, forward, backward, let a gradient-observing controller see
+the gradients, ask the controller for changes (validated against the task's space, applied to every param group),
+``optimizer.step()``. The loss stays on the device and is read back (``.item()``, a GPU sync) only at logging
+intervals; that is also where divergence is detected: a non-finite or exploding mean loss restores the last
+in-memory snapshot, halves the learning rate and records the event, and repeated failures end the run as diverged.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from metacore.core.controller import Controller, GradientObserver, StepContext
+from metacore.core.state import TrainingState
+from metacore.core.task import Task, TaskContext, TaskData
+from metacore.core.tracking import Tracker
+
+RECENT_LOSSES = 32  # logged loss means kept in the TrainingState
+
+
+@dataclass
+class RunResult:
+    steps: int
+    wall_s: float
+    final: dict[str, float]
+    best: dict[str, float]
+    hparams_final: dict[str, float]
+    diverged: bool
+    rollbacks: int
+
+
+@dataclass
+class TrainerConfig:
+    budget: int
+    log_interval: int = 10
+    eval_interval: int = 100
+    checkpoint_interval: int = 0
+    checkpoint_dir: Path | None = None
+    max_rollbacks: int = 5
+    explode_factor: float = 1e3  # a logged mean loss this many times the first one counts as divergence
+    lr_name: str = "lr"
+
+
+@dataclass
+class _Snapshot:
+    step: int
+    model: dict
+    optimizer: dict
+    controller: dict
+    hparams: dict
+
+
+class Trainer:
+    """Trains one model with one controller. ``advance(n)`` runs n steps and returns the state; ``run()`` all."""
+
+    def __init__(self, task: Task, controller: Controller, ctx: TaskContext, hparams: Mapping[str, float],
+                 config: TrainerConfig, *, data: TaskData | None = None, tracker: Tracker | None = None,
+                 run_id: str | None = None, on_log: Callable[[int], None] | None = None) -> None:
+        self.task, self.controller, self.ctx, self.config = task, controller, ctx, config
+        self.space = task.hparam_space()
+        self.hparams: dict[str, Any] = dict(hparams)
+        self.tracker, self.run_id, self.on_log = tracker, run_id, on_log
+        self.step = 0
+        self.epoch = 0
+        self.pos = 0  # examples consumed in the current epoch
+        self.train_losses: list[float] = []
+        self.val_metrics: dict[str, float] = {}
+        self.val_history: list[float] = []
+        self.best: dict[str, float] = {}
+        self.rollbacks = 0
+        self.diverged = False
+        self.wall_s = 0.0
+        self._first_loss: float | None = None
+        self._last_val_step = -1
+        self._perm = None
+        self._perm_epoch = -1
+        self._setup(data)
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _setup(self, data: TaskData | None) -> None:
+        import numpy as np
+        import torch
+
+        seed = self.ctx.seed
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        self.data = data if data is not None else self.task.load_data(self.ctx)
+        torch.manual_seed(seed)  # the model's initial weights depend on the seed only, not on data loading
+        self.model = self.task.build_model(self.data, self.ctx).to(self.ctx.device)
+        self.optimizer = self.task.build_optimizer(self.model, self.hparams, self.ctx)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self._apply(self.hparams)
+        self.controller.reset(dict(self.hparams), seed, self.space, self.config.budget)
+        self._observer = isinstance(self.controller, GradientObserver)
+        self._loss_sum = torch.zeros((), device=self.ctx.device)
+        self._loss_n = 0
+        self._interval_start = time.perf_counter()
+        self._interval_steps = 0
+        self._snapshot = self._take_snapshot()
+
+    # ------------------------------------------------------------------------------------------------ data order
+    def _next_indices(self, batch_size: int):
+        import torch
+
+        n = self.data.train_size
+        batch_size = max(1, min(int(batch_size), n))
+        if self.pos + batch_size > n:  # drop the last partial batch, start the next epoch
+            self.epoch += 1
+            self.pos = 0
+        if self._perm_epoch != self.epoch:
+            gen = torch.Generator().manual_seed(self.ctx.seed * 100_003 + self.epoch)
+            self._perm = torch.randperm(n, generator=gen)
+            self._perm_epoch = self.epoch
+        indices = self._perm[self.pos : self.pos + batch_size]
+        self.pos += batch_size
+        return indices
+
+    @property
+    def epoch_float(self) -> float:
+        return self.epoch + self.pos / max(1, self.data.train_size)
+
+    @property
+    def done(self) -> bool:
+        return self.diverged or self.step >= self.config.budget
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def state(self) -> TrainingState:
+        return TrainingState(
+            step=self.step, epoch=self.epoch_float, budget=self.config.budget,
+            train_loss=self.train_losses[-1] if self.train_losses else math.nan,
+            train_losses=tuple(self.train_losses), val_metrics=dict(self.val_metrics),
+            hparams={k: _to_float(v) for k, v in self.hparams.items()},
+            primary_metric=self.task.primary_metric, direction=self.task.direction,
+            val_history=tuple(self.val_history), rollbacks=self.rollbacks,
+        )
+
+    def advance(self, n: int) -> TrainingState:
+        """Run up to ``n`` optimizer steps (fewer at the end of the budget) and return the state."""
+        start = time.perf_counter()
+        for _ in range(n):
+            if self.done:
+                break
+            self._train_step()
+        self.wall_s += time.perf_counter() - start
+        return self.state()
+
+    def run(self) -> RunResult:
+        self.advance(self.config.budget - self.step)
+        return self.finish()
+
+    def _train_step(self) -> None:
+        model, opt = self.model, self.optimizer
+        batch = self.task.train_batch(self.data, self._next_indices(self.hparams.get("batch_size", 32)), self.ctx)
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        loss = self.task.loss(model, batch)
+        loss.backward()
+        step_ctx = None
+        if self._observer:
+            step_ctx = self._step_context()
+            self.controller.observe_gradients(step_ctx)
+        changes = self.controller.act(self.state())
+        if changes:
+            self._apply(self.space.sanitize(changes, self.controller.name))
+        opt.step()
+        if step_ctx is not None:
+            self.controller.after_step(step_ctx)
+        self._loss_sum += loss.detach()
+        self._loss_n += 1
+        self._interval_steps += 1
+        self.step += 1
+        if self.step % self.config.log_interval == 0 or self.step >= self.config.budget:
+            self._log_interval()
+        if not self.diverged and self.step % self.config.eval_interval == 0 and self.step < self.config.budget:
+            self.evaluate("val")
+        ci = self.config.checkpoint_interval
+        if ci and self.config.checkpoint_dir and self.step % ci == 0 and self.step < self.config.budget:
+            self.save_checkpoint()
+
+    def _step_context(self) -> StepContext:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        params = [p for p in self.params if p.grad is not None]
+        return StepContext(step=self.step, params=params, grads=grads, optimizer=self.optimizer,
+                           hparams=self.hparams, val_loss_and_grads=lambda: self._val_loss_and_grads(params))
+
+    def _val_loss_and_grads(self, params):
+        """Loss and gradients of one validation batch (drawn from the seed), leaving ``.grad`` untouched."""
+        import torch
+
+        val = self.data.val
+        n = int(val[0].shape[0])
+        gen = torch.Generator().manual_seed(self.ctx.seed * 7919 + self.step)
+        bs = int(min(n, self.hparams.get("batch_size", 32)))
+        idx = torch.randperm(n, generator=gen)[:bs]
+        batch = tuple(t[idx].to(self.ctx.device, non_blocking=True) for t in val)
+        was_training = self.model.training
+        self.model.eval()
+        loss = self.task.loss(self.model, batch)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        self.model.train(was_training)
+        return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+    def _apply(self, changes: Mapping[str, Any]) -> None:
+        """Write hyperparameters where they act: every optimizer param group, the model, or the data pipeline."""
+        for name, value in changes.items():
+            spec = self.space[name]
+            self.hparams[name] = value
+            if spec.acts_on == "optimizer":
+                for group in self.optimizer.param_groups:
+                    if spec.key not in group:
+                        continue
+                    if spec.index is not None:
+                        parts = list(group[spec.key])
+                        parts[spec.index] = value
+                        group[spec.key] = tuple(parts)
+                    else:
+                        group[spec.key] = value
+            elif spec.acts_on == "model":
+                self.task.apply_model_hparam(self.model, name, _to_float(value))
+
+    # ------------------------------------------------------------------------------------------------ logging
+    def _log_interval(self) -> None:
+        mean_loss = self._loss_sum.item() / max(1, self._loss_n)  # the one host sync of an interval
+        elapsed = time.perf_counter() - self._interval_start
+        step_ms = 1000.0 * elapsed / max(1, self._interval_steps)
+        self._loss_sum.zero_()
+        self._loss_n = 0
+        self._interval_start = time.perf_counter()
+        self._interval_steps = 0
+        if self._first_loss is None and math.isfinite(mean_loss):
+            self._first_loss = max(abs(mean_loss), 1e-8)
+        exploded = self._first_loss is not None and abs(mean_loss) > self.config.explode_factor * self._first_loss
+        if not math.isfinite(mean_loss) or exploded:
+            self._rollback()
+            return
+        self.train_losses = (self.train_losses + [mean_loss])[-RECENT_LOSSES:]
+        metrics = {"train/loss": mean_loss, "system/step_time_ms": step_ms}
+        metrics.update({f"hparam/{k}": _to_float(v) for k, v in self.hparams.items()})
+        metrics.update({f"controller/{k}": _to_float(v) for k, v in self.controller.diagnostics().items()})
+        self._log(metrics)
+        self._snapshot = self._take_snapshot()
+        if self.on_log:
+            self.on_log(self.step)
+
+    def _log(self, metrics: Mapping[str, float]) -> None:
+        if self.tracker is not None and self.run_id is not None:
+            self.tracker.log_metrics(self.run_id, metrics, self.step)
+
+    def evaluate(self, split: str = "val") -> dict[str, float]:
+        import torch
+
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.task.evaluate(self.model, self.data, split, self.ctx)
+        self.model.train()
+        if split == "val":
+            self._last_val_step = self.step
+            self.val_metrics = metrics
+            self.val_history.append(metrics[self.task.primary_metric])
+            for name, value in metrics.items():
+                better = max if self.task.metrics.get(name, "max") == "max" else min
+                key = f"val/{name}"
+                self.best[key] = better(self.best.get(key, value), value)
+        self._log({f"{split}/{k}": v for k, v in metrics.items()})
+        return metrics
+
+    # ------------------------------------------------------------------------------------------------ divergence
+    def _take_snapshot(self) -> _Snapshot:
+        return _Snapshot(step=self.step, model=_clone(self.model.state_dict()),
+                         optimizer=_clone(self.optimizer.state_dict()),
+                         controller=_clone(self.controller.state_dict()), hparams=dict(self.hparams))
+
+    def _rollback(self) -> None:
+        """Restore the last good snapshot, halve the learning rate, count it; too many: the run has diverged."""
+        self.rollbacks += 1
+        self._log({"controller/rollbacks": float(self.rollbacks)})
+        if self.rollbacks > self.config.max_rollbacks:
+            self.diverged = True
+            return
+        snap = self._snapshot
+        self.model.load_state_dict(snap.model)
+        self.optimizer.load_state_dict(snap.optimizer)
+        self.controller.load_state_dict(snap.controller)
+        hparams = dict(snap.hparams)
+        if self.config.lr_name in self.space:
+            spec = self.space[self.config.lr_name]
+            hparams[spec.name] = spec.clip(_to_float(hparams[spec.name]) * 0.5)
+        self._apply(hparams)
+        self.controller.on_rollback({k: _to_float(v) for k, v in hparams.items()})
+        self._snapshot = self._take_snapshot()
+
+    # ------------------------------------------------------------------------------------------------ the end
+    def finish(self) -> RunResult:
+        """Final validation and test evaluation (skipped after divergence), final checkpoint, the result."""
+        final: dict[str, float] = {}
+        if not self.diverged:
+            val = self.val_metrics if self._last_val_step == self.step else self.evaluate("val")
+            final.update({f"val/{k}": v for k, v in val.items()})
+            final.update({f"test/{k}": v for k, v in self.evaluate("test").items()})
+            if self.train_losses:
+                final["train/loss"] = self.train_losses[-1]
+        if self.config.checkpoint_dir:
+            self.save_checkpoint()
+        if self.tracker is not None and self.run_id is not None:
+            self.tracker.flush(self.run_id)
+        hparams_final = {k: int(_to_float(v)) if self.space[k].integer else _to_float(v)
+                         for k, v in self.hparams.items()}
+        return RunResult(steps=self.step, wall_s=round(self.wall_s, 3), final=final, best=dict(self.best),
+                         hparams_final=hparams_final,
+                         diverged=self.diverged, rollbacks=self.rollbacks)
+
+    # ------------------------------------------------------------------------------------------------ checkpoints
+    def checkpoint_payload(self) -> dict[str, Any]:
+        import numpy as np
+        import torch
+
+        np_state = np.random.get_state()
+        payload = {
+            "step": self.step, "epoch": self.epoch, "pos": self.pos,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "controller": self.controller.state_dict(),
+            "hparams": {k: _to_float(v) for k, v in self.hparams.items()},
+            "train_losses": list(self.train_losses), "val_metrics": dict(self.val_metrics),
+            "val_history": list(self.val_history), "best": dict(self.best), "rollbacks": self.rollbacks,
+            "wall_s": self.wall_s, "first_loss": self._first_loss,
+            "rng": {"python": _python_rng_state(), "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
+                                                            *np_state[2:]],
+                    "torch": torch.get_rng_state()},
+        }
+        if torch.cuda.is_available():
+            payload["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        return payload
+
+    def save_checkpoint(self) -> Path:
+        from metacore.core.checkpoint import save_checkpoint
+
+        return save_checkpoint(self.checkpoint_payload(), self.config.checkpoint_dir, self.step)
+
+
+def _python_rng_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _to_float(value: Any) -> float:
+    return float(value.item()) if hasattr(value, "item") else float(value)
+
+
+def _clone(obj: Any) -> Any:
+    """Deep copy of a state dict, tensors cloned on their device (a snapshot, not a checkpoint)."""
+    return copy.deepcopy(obj)

@@ -1,0 +1,1 @@
+"""Built-in task plugins: ``digits`` (offline demo), ``cifar10``, ``imdb``, ``electricity``."""
