@@ -69,11 +69,11 @@ class StepContext:
     """What a gradient-observing controller gets each step; tensors, never copied."""
 
     step: int
-    params: list["torch.Tensor"]
-    grads: list["torch.Tensor"]
+    params: list[torch.Tensor]
+    grads: list[torch.Tensor]
     optimizer: Any
     hparams: Mapping[str, Any]
-    val_loss_and_grads: Callable[[], tuple["torch.Tensor", list["torch.Tensor"]]]
+    val_loss_and_grads: Callable[[], tuple[torch.Tensor, list[torch.Tensor]]]
 
 
 @runtime_checkable

@@ -139,7 +139,9 @@ def _register(table: dict[str, Entry], kind: str, obj: Any, name: str | None, pl
 
     base = Task if kind == "task" else Controller
     if not (isinstance(obj, type) and issubclass(obj, base)):
-        raise RegistryError(f"plugin {plugin!r} registered {obj!r} as a {kind}, but it is not a {base.__name__} subclass")
+        raise RegistryError(
+            f"plugin {plugin!r} registered {obj!r} as a {kind}, but it is not a {base.__name__} subclass"
+        )
     name = name or getattr(obj, "name", None)
     if not name or not isinstance(name, str):
         raise RegistryError(f"plugin {plugin!r} registered a {kind} without a name")

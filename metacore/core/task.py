@@ -103,25 +103,25 @@ class Task:
     def load_data(self, ctx: TaskContext) -> TaskData:
         raise NotImplementedError
 
-    def build_model(self, data: TaskData, ctx: TaskContext) -> "torch.nn.Module":
+    def build_model(self, data: TaskData, ctx: TaskContext) -> torch.nn.Module:
         raise NotImplementedError
 
-    def build_optimizer(self, model: "torch.nn.Module", hparams: Mapping[str, float], ctx: TaskContext):
+    def build_optimizer(self, model: torch.nn.Module, hparams: Mapping[str, float], ctx: TaskContext):
         raise NotImplementedError
 
     # --- per step -----------------------------------------------------------------------------------------------
-    def train_batch(self, data: TaskData, indices: "torch.Tensor", ctx: TaskContext) -> tuple:
+    def train_batch(self, data: TaskData, indices: torch.Tensor, ctx: TaskContext) -> tuple:
         """The training batch for these example indices, on the run's device (override to augment)."""
         return tuple(t[indices].to(ctx.device, non_blocking=True) for t in data.train)
 
-    def loss(self, model: "torch.nn.Module", batch: tuple) -> "torch.Tensor":
+    def loss(self, model: torch.nn.Module, batch: tuple) -> torch.Tensor:
         """Mean loss of a batch ``(inputs, targets)``; the default is cross-entropy on logits."""
         import torch.nn.functional as F
 
         inputs, targets = batch[0], batch[1]
         return F.cross_entropy(model(inputs), targets)
 
-    def apply_model_hparam(self, model: "torch.nn.Module", name: str, value: float) -> None:
+    def apply_model_hparam(self, model: torch.nn.Module, name: str, value: float) -> None:
         """Apply a ``model`` hyperparameter; the default handles ``dropout`` on every ``nn.Dropout``."""
         import torch.nn as nn
 
@@ -138,7 +138,7 @@ class Task:
         for start in range(0, n, self.eval_batch_size):
             yield tuple(t[start : start + self.eval_batch_size].to(ctx.device, non_blocking=True) for t in tensors)
 
-    def evaluate(self, model: "torch.nn.Module", data: TaskData, split: str, ctx: TaskContext) -> dict[str, float]:
+    def evaluate(self, model: torch.nn.Module, data: TaskData, split: str, ctx: TaskContext) -> dict[str, float]:
         """Metrics of ``split``: model outputs gathered over eval batches, then :meth:`compute_metrics`."""
         import torch
 
@@ -149,7 +149,7 @@ class Task:
                 targets.append(batch[1].cpu())
         return self.compute_metrics(torch.cat(outputs), torch.cat(targets), data)
 
-    def compute_metrics(self, outputs: "torch.Tensor", targets: "torch.Tensor", data: TaskData) -> dict[str, float]:
+    def compute_metrics(self, outputs: torch.Tensor, targets: torch.Tensor, data: TaskData) -> dict[str, float]:
         """Classification by default: accuracy and macro F1 from logits."""
         from metacore.core.metrics import classification_metrics
 

@@ -58,7 +58,9 @@ class Tracker:
 
 
 def _param_str(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value)[:500]
+    text = value if isinstance(value, str) else str(value)
     return text[:500]
 
 

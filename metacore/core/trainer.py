@@ -13,7 +13,7 @@ import copy
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -206,7 +206,7 @@ class Trainer:
         loss = self.task.loss(self.model, batch)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         self.model.train(was_training)
-        return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
 
     def _apply(self, changes: Mapping[str, Any]) -> None:
         """Write hyperparameters where they act: every optimizer param group, the model, or the data pipeline."""

@@ -1,0 +1,92 @@
+"""``metacore run``: a controller and a baseline beside it, logged to MLflow."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from metacore.commands.common import report_failures
+
+NAME = "run"
+
+
+def add_parser(sub: Any) -> None:
+    run = sub.add_parser(NAME, help="train with a controller and, beside it, a baseline; log both to MLflow")
+    run.add_argument("--task", required=True, help="a registered task (metacore list tasks)")
+    run.add_argument("--controller", required=True, help="a registered controller; static keeps the initial values")
+    run.add_argument("--baseline", default=None, help="controller run beside it (default: the task's, usually "
+                     "static); 'none' for no baseline")
+    run.add_argument("--preset", default="small", help="task scale: full, small or smoke (default small)")
+    budget = run.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="budget in optimizer steps (overrides the preset)")
+    budget.add_argument("--epochs", type=float, help="budget in epochs (overrides the preset)")
+    run.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    run.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", dest="sets",
+                     help="initial hyperparameter or task option, e.g. --set lr=0.1 (repeatable)")
+    run.add_argument("--controller-set", action="append", metavar="KEY=VALUE", dest="controller_sets",
+                     help="controller option, e.g. --controller-set hyper_lr=1e-3 (repeatable)")
+    run.add_argument("--data-dir", help="local data root (also METACORE_DATA_DIR)")
+    run.add_argument("--tracking-uri", help="MLflow store (default sqlite:///mlflow_runs/mlflow.db; "
+                     "also MLFLOW_TRACKING_URI)")
+    run.add_argument("--experiment", help="MLflow experiment (default: the task name)")
+    run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    run.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints (default: the preset's)")
+    run.add_argument("--checkpoint-dir", help="where checkpoints go (default mlflow_runs/checkpoints/<run_id>/)")
+    run.add_argument("--json", action="store_true", help="print one JSON summary on stdout and nothing else")
+
+
+
+def main(args: argparse.Namespace) -> int:
+    from metacore.core.options import parse_assignments
+    from metacore.core.registry import load_registry
+    from metacore.core.runner import RunRequest, execute, plan_run
+
+    registry = load_registry()
+    report_failures(registry.failures)
+    baseline = args.baseline
+    if baseline is None:
+        entry = registry.task(args.task)
+        baseline = entry.obj.default_baseline
+    request = RunRequest(
+        task=args.task, controller=args.controller, baseline=None if baseline == "none" else baseline,
+        preset=args.preset, steps=args.steps, epochs=args.epochs, seed=args.seed, seeds=args.seeds,
+        sets=parse_assignments(args.sets, "--set"),
+        controller_sets=parse_assignments(args.controller_sets, "--controller-set"),
+        data_dir=args.data_dir, tracking_uri=args.tracking_uri, experiment=args.experiment, device=args.device,
+        checkpoint_interval=args.checkpoint_interval, checkpoint_dir=args.checkpoint_dir)
+    plan = plan_run(request, registry)
+    progress = None
+    if not args.json:
+        from metacore.core.progress import RunProgress
+
+        progress = RunProgress()
+    summary = execute(plan, progress=progress)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_summary(summary, plan.task.primary_metric)
+    return 0
+
+
+def print_summary(summary: dict[str, Any], primary: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.width = max(console.width, 110)
+    table = Table(title=f"{summary['task']} ({summary['preset']}): {primary}, controller vs baseline")
+    for col in ("role", "controller", "seed", "steps", "final val", "best val", "test", "final lr", "wall s",
+                "diverged"):
+        table.add_column(col, no_wrap=True)
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for r in summary["runs"]:
+        lr = r["hparams_final"].get("lr")
+        table.add_row(r["role"], r["controller"], str(r["seed"]), str(r["steps"]),
+                      fmt(r["final"].get(f"val/{primary}")), fmt(r["best"].get(f"val/{primary}")),
+                      fmt(r["final"].get(f"test/{primary}")), "-" if lr is None else f"{lr:.3g}",
+                      f"{r['wall_s']:.1f}", "yes" if r["diverged"] else "no")
+    console.print(table)
+    console.print(f"MLflow: experiment [bold]{summary['experiment']}[/], parent run {summary['parent_run_id']}")
+    console.print(f"  view with: mlflow ui --backend-store-uri {summary['tracking_uri']}", soft_wrap=True)

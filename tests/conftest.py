@@ -1,0 +1,57 @@
+"""Shared fixtures. Tests write to tmp_path only and need no network."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def shared_data_dir() -> Path | None:
+    """The real data beside the project (``../shared/data`` or ``METACORE_DATA_DIR``), or None."""
+    env = os.environ.get("METACORE_DATA_DIR")
+    for candidate in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    path = shared_data_dir()
+    if path is None:
+        pytest.skip("real data (../shared/data or METACORE_DATA_DIR) not present")
+    return path
+
+
+@pytest.fixture
+def memory_tracker():
+    from metacore.core.tracking import MemoryTracker
+
+    return MemoryTracker()
+
+
+def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 300):
+    """The real ``metacore`` command in a subprocess (``python -m metacore``)."""
+    full_env = {**os.environ, "MLFLOW_TRACKING_URI": "", **(env or {})}
+    full_env = {k: v for k, v in full_env.items() if v != ""}
+    return subprocess.run([sys.executable, "-m", "metacore", *args], cwd=cwd, env=full_env, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Run the CLI in ``tmp_path`` so the default store lands in ``tmp_path/mlflow_runs``."""
+
+    def _run(*args: str, env: dict[str, str] | None = None, timeout: int = 300):
+        return run_cli(*args, cwd=tmp_path, env=env, timeout=timeout)
+
+    return _run
