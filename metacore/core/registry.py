@@ -117,7 +117,7 @@ def build_registry(pm: PluginManager | None = None) -> Registry:
         ("task", pm.hook.metacore_register_tasks, registry.tasks),
         ("controller", pm.hook.metacore_register_controllers, registry.controllers),
     ):
-        for impl in reversed(hook.get_hookimpls()):  # registration order
+        for impl in hook.get_hookimpls():  # registration order
             plugin_name = impl.plugin_name
             dist = pm.distributions.get(plugin_name)
 
