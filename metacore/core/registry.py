@@ -21,6 +21,7 @@ ENTRY_POINT_GROUP = "metacore"
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "metacore.plugins.digits",
+    "metacore.plugins.cifar10",
     "metacore.controllers.static",
     "metacore.controllers.schedules",
 )
