@@ -7,4 +7,5 @@ so they must import nothing heavy at module level.
 COMMANDS: tuple[str, ...] = (
     "metacore.commands.run",
     "metacore.commands.list",
+    "metacore.commands.compare",
 )

@@ -195,6 +195,10 @@ def execute(plan: Plan, tracker: Tracker | None = None, progress: Any = None) ->
         raise
     finally:
         tracker.log_dict(parent_id, summary, "summary.json")
+        if status == "FINISHED":  # comparison plot PNG on the parent; a plotting failure never fails the run
+            from metacore.analysis.plots import log_comparison_plot
+
+            log_comparison_plot(tracker, parent_id, summary, task)
         tracker.end_run(parent_id, status)
     return summary
 
