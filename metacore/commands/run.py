@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 from typing import Any
 
 from metacore.commands.common import report_failures
@@ -13,8 +15,9 @@ NAME = "run"
 
 def add_parser(sub: Any) -> None:
     run = sub.add_parser(NAME, help="train with a controller and, beside it, a baseline; log both to MLflow")
-    run.add_argument("--task", required=True, help="a registered task (metacore list tasks)")
-    run.add_argument("--controller", required=True, help="a registered controller; static keeps the initial values")
+    run.add_argument("--task", help="a registered task (metacore list tasks); required unless --resume")
+    run.add_argument("--controller", help="a registered controller; static keeps the initial values; required "
+                     "unless --resume")
     run.add_argument("--baseline", default=None, help="controller run beside it (default: the task's, usually "
                      "static); 'none' for no baseline")
     run.add_argument("--preset", default="small", help="task scale: full, small or smoke (default small)")
@@ -34,40 +37,90 @@ def add_parser(sub: Any) -> None:
     run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     run.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints (default: the preset's)")
     run.add_argument("--checkpoint-dir", help="where checkpoints go (default mlflow_runs/checkpoints/<run_id>/)")
+    run.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run (its parent run id) from its "
+                     "newest intact checkpoints, with its original options")
     run.add_argument("--json", action="store_true", help="print one JSON summary on stdout and nothing else")
 
 
 
 def main(args: argparse.Namespace) -> int:
-    from metacore.core.options import parse_assignments
+    from metacore.core.errors import UsageError
     from metacore.core.registry import load_registry
-    from metacore.core.runner import RunRequest, execute, plan_run
+    from metacore.core.runner import RunInterrupted, execute, plan_resume, plan_run
 
     registry = load_registry()
     report_failures(registry.failures)
+    tracker = None
+    if args.resume:
+        from metacore.core.tracking import MlflowTracker
+
+        tracker = MlflowTracker(args.tracking_uri)
+        plan = plan_resume(args.resume, tracker, registry, device=None if args.device == "auto" else args.device)
+    else:
+        missing = [flag for flag, value in (("--task", args.task), ("--controller", args.controller)) if not value]
+        if missing:
+            raise UsageError(f"metacore run: the following arguments are required: {', '.join(missing)}")
+        plan = plan_run(_request(args, registry), registry)
+    progress = None
+    if not args.json:
+        from metacore.core.progress import RunProgress
+
+        progress = RunProgress()
+    stop = _StopOnSignal()
+    try:
+        summary = execute(plan, tracker, progress=progress, should_stop=stop, resume_parent=args.resume)
+    except RunInterrupted as exc:
+        print(f"metacore: {exc}", file=sys.stderr)
+        return 130
+    finally:
+        stop.restore()
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print_summary(summary, plan.task.primary_metric)
+    return 0
+
+
+def _request(args: argparse.Namespace, registry: Any) -> Any:
+    from metacore.core.options import parse_assignments
+    from metacore.core.runner import RunRequest
+
     baseline = args.baseline
     if baseline is None:
-        entry = registry.task(args.task)
-        baseline = entry.obj.default_baseline
-    request = RunRequest(
+        baseline = registry.task(args.task).obj.default_baseline
+    return RunRequest(
         task=args.task, controller=args.controller, baseline=None if baseline == "none" else baseline,
         preset=args.preset, steps=args.steps, epochs=args.epochs, seed=args.seed, seeds=args.seeds,
         sets=parse_assignments(args.sets, "--set"),
         controller_sets=parse_assignments(args.controller_sets, "--controller-set"),
         data_dir=args.data_dir, tracking_uri=args.tracking_uri, experiment=args.experiment, device=args.device,
         checkpoint_interval=args.checkpoint_interval, checkpoint_dir=args.checkpoint_dir)
-    plan = plan_run(request, registry)
-    progress = None
-    if not args.json:
-        from metacore.core.progress import RunProgress
 
-        progress = RunProgress()
-    summary = execute(plan, progress=progress)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print_summary(summary, plan.task.primary_metric)
-    return 0
+
+class _StopOnSignal:
+    """SIGINT/SIGTERM ask the trainer to stop at the next step boundary (a second one interrupts at once)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nmetacore: stopping after this step and writing a checkpoint (again to abort)", file=sys.stderr)
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def print_summary(summary: dict[str, Any], primary: str) -> None:

@@ -5,16 +5,18 @@ Everything the user gave is validated before anything is written, so bad input l
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from metacore.core.errors import UsageError
+from metacore.core.errors import CheckpointError, UsageError
 from metacore.core.registry import Registry, load_registry
 from metacore.core.task import Preset, Task, TaskContext, TaskData
-from metacore.core.tracking import MlflowTracker, Tracker
+from metacore.core.tracking import MlflowTracker, Tracker, default_tracking_uri
 
 CHECKPOINT_ROOT = Path("mlflow_runs") / "checkpoints"
 
@@ -126,24 +128,35 @@ def budget_steps(plan: Plan, data: TaskData, hparams: dict[str, float]) -> int:
     return plan.preset.steps
 
 
-def execute(plan: Plan, tracker: Tracker | None = None, progress: Any = None) -> dict[str, Any]:
-    """Run every (seed, role) of the plan; return the JSON summary of DESIGN §1."""
-    from metacore import __version__
-    from metacore.core.trainer import Trainer, TrainerConfig
+class RunInterrupted(Exception):
+    """SIGINT/SIGTERM stopped the command; checkpoints are written and the runs marked KILLED."""
 
+    def __init__(self, parent_run_id: str, tracking_uri: str) -> None:
+        super().__init__(f"interrupted; resume with: metacore run --resume {parent_run_id}"
+                         + (f" --tracking-uri {tracking_uri}" if tracking_uri != default_tracking_uri() else ""))
+        self.parent_run_id = parent_run_id
+
+
+def execute(plan: Plan, tracker: Tracker | None = None, progress: Any = None, *,
+            should_stop: Callable[[], bool] | None = None, resume_parent: str | None = None) -> dict[str, Any]:
+    """Run every (seed, role) of the plan; return the JSON summary of DESIGN §1.
+
+    With ``resume_parent``, finished children are reported as they are and unfinished ones continue from their
+    newest intact checkpoint in the same MLflow runs.
+    """
     req, task = plan.request, plan.task
     tracker = tracker or MlflowTracker(req.tracking_uri)
+    should_stop = should_stop or (lambda: False)
+    ckpt_root = _checkpoint_root(plan)
     experiment = req.experiment or task.name
-    common = {"task": task.name, "preset": plan.preset.name, "device": plan.device, "metacore.version": __version__,
-              "git.commit": git_commit(), **{f"option.{k}": v for k, v in plan.options.items()},
-              **{f"hparam.{k}": v for k, v in plan.hparams.items()}}
-    baseline = req.baseline or "none"
-    parent_id = tracker.start_run(
-        experiment, f"{req.controller} vs {baseline}",
-        tags={"metacore.role": "parent", "metacore.task": task.name, "metacore.controller": req.controller,
-              "metacore.baseline": baseline},
-        params={**common, "controller": req.controller, "baseline": baseline, "seeds": req.seeds,
-                "first_seed": req.seed})
+    if resume_parent:
+        parent_id = resume_parent
+        tracker.reopen(parent_id)
+        existing = {(c["tags"].get("metacore.seed"), c["tags"].get("metacore.role")): c
+                    for c in tracker.children(parent_id)}
+    else:
+        parent_id = _start_parent(plan, tracker, experiment)
+        existing = {}
     summary: dict[str, Any] = {"parent_run_id": parent_id, "task": task.name, "preset": plan.preset.name,
                                "experiment": experiment, "tracking_uri": tracker.uri, "runs": []}
     data_cache: dict[int, TaskData] = {}
@@ -151,45 +164,21 @@ def execute(plan: Plan, tracker: Tracker | None = None, progress: Any = None) ->
     try:
         for seed in range(req.seed, req.seed + req.seeds):
             for role, name, cls, config in plan.roles:
+                child = existing.get((str(seed), role))
+                if child and child["status"] == "FINISHED" and "metacore.result" in child["tags"]:
+                    summary["runs"].append(json.loads(child["tags"]["metacore.result"]))
+                    continue
                 ctx = TaskContext(plan.preset, dict(plan.options), seed, plan.device, plan.data_dir,
                                   dict(plan.hparams))
                 if seed not in data_cache:
                     data_cache = {seed: task.load_data(ctx)}  # one seed's data at a time
-                data = data_cache[seed]
-                budget = budget_steps(plan, data, plan.hparams)
-                controller = cls(**config)
-                run_id = tracker.start_run(
-                    experiment, f"{name} seed {seed}" + (" (baseline)" if role == "baseline" else ""),
-                    parent_id=parent_id,
-                    tags={"metacore.role": role, "metacore.controller": name, "metacore.task": task.name,
-                          "metacore.seed": str(seed)},
-                    params={**common, "controller": name, "role": role, "seed": seed, "budget_steps": budget,
-                            **{f"controller.{k}": v for k, v in config.items()}, **data.info})
-                ckpt_dir, ckpt_interval = _checkpointing(plan, run_id)
-                cfg = TrainerConfig(budget=budget, log_interval=plan.preset.log_interval,
-                                    eval_interval=plan.preset.eval_interval, checkpoint_interval=ckpt_interval,
-                                    checkpoint_dir=ckpt_dir)
-                on_log = progress.start(f"{name} seed {seed}", budget) if progress else None
-                run_status = "FAILED"
-                try:
-                    trainer = Trainer(task, controller, ctx, plan.hparams, cfg, data=data, tracker=tracker,
-                                      run_id=run_id, on_log=on_log)
-                    result = trainer.run()
-                    run_status = "FINISHED"
-                except KeyboardInterrupt:
-                    run_status = "KILLED"
-                    raise
-                finally:
-                    if progress:
-                        progress.stop()
-                    tracker.end_run(run_id, run_status)
-                tracker.set_tags(run_id, {"metacore.diverged": str(result.diverged).lower()})
-                summary["runs"].append({
-                    "run_id": run_id, "controller": name, "role": role, "seed": seed, "steps": result.steps,
-                    "wall_s": result.wall_s, "final": result.final, "best": result.best,
-                    "hparams_final": result.hparams_final, "diverged": result.diverged,
-                    "rollbacks": result.rollbacks})
+                summary["runs"].append(_run_one(plan, tracker, experiment, parent_id, ctx, data_cache[seed], role,
+                                                name, cls(**config), config, child, ckpt_root, progress,
+                                                should_stop))
         status = "FINISHED"
+    except RunInterrupted:
+        status = "KILLED"
+        raise
     except KeyboardInterrupt:
         status = "KILLED"
         raise
@@ -203,13 +192,99 @@ def execute(plan: Plan, tracker: Tracker | None = None, progress: Any = None) ->
     return summary
 
 
-def _checkpointing(plan: Plan, run_id: str) -> tuple[Path | None, int]:
+def _start_parent(plan: Plan, tracker: Tracker, experiment: str) -> str:
+    req, task = plan.request, plan.task
+    baseline = req.baseline or "none"
+    return tracker.start_run(
+        experiment, f"{req.controller} vs {baseline}",
+        tags={"metacore.role": "parent", "metacore.task": task.name, "metacore.controller": req.controller,
+              "metacore.baseline": baseline, "metacore.request": json.dumps(asdict(req))},
+        params={**_common_params(plan), "controller": req.controller, "baseline": baseline, "seeds": req.seeds,
+                "first_seed": req.seed})
+
+
+def _common_params(plan: Plan) -> dict[str, Any]:
+    from metacore import __version__
+
+    return {"task": plan.task.name, "preset": plan.preset.name, "device": plan.device,
+            "metacore.version": __version__, "git.commit": git_commit(),
+            **{f"option.{k}": v for k, v in plan.options.items()},
+            **{f"hparam.{k}": v for k, v in plan.hparams.items()}}
+
+
+def _run_one(plan: Plan, tracker: Tracker, experiment: str, parent_id: str, ctx: TaskContext, data: TaskData,
+             role: str, name: str, controller: Any, config: dict[str, Any], child: dict[str, Any] | None,
+             ckpt_root: Path, progress: Any, should_stop: Callable[[], bool]) -> dict[str, Any]:
+    """One child run: start (or continue) it, train, record its result on the run itself."""
+    from metacore.core.checkpoint import load_latest
+    from metacore.core.trainer import Trainer, TrainerConfig
+
+    seed, task = ctx.seed, plan.task
+    budget = budget_steps(plan, data, plan.hparams)
+    if child is None:
+        run_id = tracker.start_run(
+            experiment, f"{name} seed {seed}" + (" (baseline)" if role == "baseline" else ""), parent_id=parent_id,
+            tags={"metacore.role": role, "metacore.controller": name, "metacore.task": task.name,
+                  "metacore.seed": str(seed)},
+            params={**_common_params(plan), "controller": name, "role": role, "seed": seed, "budget_steps": budget,
+                    **{f"controller.{k}": v for k, v in config.items()}, **data.info})
+        ckpt_dir = ckpt_root / run_id
+        tracker.set_tags(run_id, {"metacore.checkpoint_dir": str(ckpt_dir)})
+        payload = None
+    else:
+        run_id = child["run_id"]
+        ckpt_dir = Path(child["tags"].get("metacore.checkpoint_dir", ckpt_root / run_id))
+        path, payload = load_latest(ckpt_dir, map_location=ctx.device)
+        tracker.reopen(run_id)
     interval = plan.request.checkpoint_interval
-    interval = plan.preset.checkpoint_interval if interval is None else interval
-    if not interval and not plan.request.checkpoint_dir:
-        return None, 0
+    cfg = TrainerConfig(budget=budget, log_interval=plan.preset.log_interval, eval_interval=plan.preset.eval_interval,
+                        checkpoint_interval=plan.preset.checkpoint_interval if interval is None else interval,
+                        checkpoint_dir=ckpt_dir)
+    on_log = progress.start(f"{name} seed {seed}", budget) if progress else None
+    run_status = "FAILED"
+    try:
+        trainer = Trainer(task, controller, ctx, plan.hparams, cfg, data=data, tracker=tracker, run_id=run_id,
+                          on_log=on_log, should_stop=should_stop)
+        if payload is not None:
+            trainer.restore(payload)
+            trainer.log_floor = tracker.last_logged_step(run_id)
+            if on_log:
+                on_log(trainer.step)
+        trainer.advance(budget - trainer.step)
+        if not trainer.done:  # stopped by a signal: keep the place, say how to come back
+            trainer.save_checkpoint()
+            run_status = "KILLED"
+            raise RunInterrupted(parent_id, tracker.uri)
+        result = trainer.finish()
+        run_status = "FINISHED"
+    except KeyboardInterrupt:
+        run_status = "KILLED"
+        raise
+    finally:
+        if progress:
+            progress.stop()
+        if run_status != "FINISHED":
+            tracker.end_run(run_id, run_status)
+    entry = {"run_id": run_id, "controller": name, "role": role, "seed": seed, "steps": result.steps,
+             "wall_s": result.wall_s, "final": result.final, "best": result.best,
+             "hparams_final": result.hparams_final, "diverged": result.diverged, "rollbacks": result.rollbacks}
+    tracker.set_tags(run_id, {"metacore.diverged": str(result.diverged).lower(),
+                              "metacore.result": json.dumps(entry)})
+    tracker.end_run(run_id, "FINISHED")
+    return entry
+
+
+def _checkpoint_root(plan: Plan) -> Path:
+    """The checkpoint root, created and checked for writing before any run starts."""
     root = Path(plan.request.checkpoint_dir) if plan.request.checkpoint_dir else CHECKPOINT_ROOT
-    return root / run_id, interval
+    root = root.resolve()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=root, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise CheckpointError(f"cannot write checkpoints in {root}: {exc.strerror or exc}") from None
+    return root
 
 
 def run(request: RunRequest, registry: Registry | None = None, tracker: Tracker | None = None,
@@ -217,3 +292,16 @@ def run(request: RunRequest, registry: Registry | None = None, tracker: Tracker 
     """Validate, then execute. The programmatic twin of ``metacore run``."""
     return execute(plan_run(request, registry), tracker, progress)
 
+
+def plan_resume(parent_id: str, tracker: Tracker, registry: Registry | None = None,
+                device: str | None = None) -> Plan:
+    """The plan of an interrupted ``metacore run``, rebuilt from its parent run (same options as the first time)."""
+    parent = tracker.get_run(parent_id)
+    if parent is None or parent["tags"].get("metacore.role") != "parent":
+        raise UsageError(f"--resume: no metacore parent run with id {parent_id!r} in {tracker.uri}")
+    if parent["status"] == "FINISHED":
+        raise UsageError(f"--resume: run {parent_id} already finished; nothing to resume")
+    fields = json.loads(parent["tags"]["metacore.request"])
+    if device:
+        fields["device"] = device
+    return plan_run(RunRequest(**fields), registry)

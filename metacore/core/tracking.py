@@ -56,6 +56,22 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         raise NotImplementedError
 
+    # --- what ``--resume`` needs -------------------------------------------------------------------------------
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        """``{"run_id", "status", "tags", "experiment"}`` or None if there is no such run."""
+        raise NotImplementedError
+
+    def children(self, parent_id: str) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def last_logged_step(self, run_id: str) -> int:
+        """The largest step of any metric already stored for the run (-1 if none)."""
+        raise NotImplementedError
+
+    def reopen(self, run_id: str) -> None:
+        """Mark an interrupted run as running again."""
+        raise NotImplementedError
+
 
 def _param_str(value: Any) -> str:
     if isinstance(value, (dict, list, tuple)):
@@ -101,6 +117,22 @@ class MemoryTracker(Tracker):
     def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
         return self.runs[run_id]["metrics"].get(key, [])
 
+    def get_run(self, run_id):
+        run = self.runs.get(run_id)
+        if run is None:
+            return None
+        return {"run_id": run_id, "status": run["status"], "tags": dict(run["tags"]), "experiment": run["experiment"]}
+
+    def children(self, parent_id):
+        return [self.get_run(rid) for rid, run in self.runs.items() if run["parent_id"] == parent_id]
+
+    def last_logged_step(self, run_id):
+        steps = [s for values in self.runs[run_id]["metrics"].values() for s, _ in values]
+        return max(steps, default=-1)
+
+    def reopen(self, run_id):
+        self.runs[run_id]["status"] = "RUNNING"
+
 
 class MlflowTracker(Tracker):
     """MLflow through ``MlflowClient``; a local SQLite store by default (``sqlite:///mlflow_runs/mlflow.db``)."""
@@ -142,7 +174,13 @@ class MlflowTracker(Tracker):
             exp = self.client.get_experiment_by_name(name)
             if exp is None:
                 location = (self._artifact_root / name).resolve().as_uri() if self._artifact_root else None
-                exp_id = self.client.create_experiment(name, artifact_location=location)
+                try:
+                    exp_id = _retry(self.client.create_experiment, name, artifact_location=location)
+                except Exception:  # created meanwhile by a concurrent process
+                    exp = self.client.get_experiment_by_name(name)
+                    if exp is None:
+                        raise
+                    exp_id = exp.experiment_id
             else:
                 exp_id = exp.experiment_id
             self._experiments[name] = exp_id
@@ -153,7 +191,7 @@ class MlflowTracker(Tracker):
             all_tags = dict(tags or {})
             if parent_id:
                 all_tags["mlflow.parentRunId"] = parent_id
-            run = self.client.create_run(self._experiment_id(experiment), tags=all_tags, run_name=name)
+            run = _retry(self.client.create_run, self._experiment_id(experiment), tags=all_tags, run_name=name)
         except Exception as exc:
             raise TrackingError(f"cannot create a run in {self.uri}: {_first_line(exc)}") from None
         run_id = run.info.run_id
@@ -167,12 +205,12 @@ class MlflowTracker(Tracker):
 
         items = [Param(k, _param_str(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i : i + 100])
+            _retry(self.client.log_batch, run_id, params=items[i : i + 100])
 
     def set_tags(self, run_id, tags) -> None:
         from mlflow.entities import RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        _retry(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, run_id, metrics, step) -> None:
         from mlflow.entities import Metric
@@ -187,19 +225,55 @@ class MlflowTracker(Tracker):
         for rid in [run_id] if run_id else list(self._buffers):
             buffer = self._buffers.get(rid) or []
             for i in range(0, len(buffer), 1000):
-                self.client.log_batch(rid, metrics=buffer[i : i + 1000])
+                _retry(self.client.log_batch, rid, metrics=buffer[i : i + 1000])
             self._buffers[rid] = []
 
     def log_dict(self, run_id, obj, filename) -> None:
-        self.client.log_dict(run_id, obj, filename)
+        _retry(self.client.log_dict, run_id, obj, filename)
 
     def log_artifact(self, run_id, path) -> None:
-        self.client.log_artifact(run_id, str(path))
+        _retry(self.client.log_artifact, run_id, str(path))
 
     def end_run(self, run_id, status="FINISHED") -> None:
         self.flush(run_id)
-        self.client.set_terminated(run_id, status=status)
+        _retry(self.client.set_terminated, run_id, status=status)
         self._buffers.pop(run_id, None)
+
+    def get_run(self, run_id):
+        try:
+            run = self.client.get_run(run_id)
+        except Exception:
+            return None
+        exp = self.client.get_experiment(run.info.experiment_id)
+        return {"run_id": run_id, "status": run.info.status, "tags": dict(run.data.tags), "experiment": exp.name}
+
+    def children(self, parent_id):
+        parent = self.client.get_run(parent_id)
+        found = self.client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
+                                        max_results=10000)
+        return [{"run_id": r.info.run_id, "status": r.info.status, "tags": dict(r.data.tags)} for r in found]
+
+    def last_logged_step(self, run_id):
+        run = self.client.get_run(run_id)
+        steps = [m.step for key in run.data.metrics for m in self.client.get_metric_history(run_id, key)]
+        return max(steps, default=-1)
+
+    def reopen(self, run_id):
+        _retry(self.client.update_run, run_id, status="RUNNING")
+        self._buffers.setdefault(run_id, [])
+
+
+def _retry(fn: Any, *args: Any, attempts: int = 8, **kwargs: Any) -> Any:
+    """Call ``fn``, retrying with backoff while SQLite reports a lock held by another writer."""
+    delay = 0.05
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            if "locked" not in str(exc).lower() or attempt == attempts - 1:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -62,8 +62,11 @@ class Trainer:
 
     def __init__(self, task: Task, controller: Controller, ctx: TaskContext, hparams: Mapping[str, float],
                  config: TrainerConfig, *, data: TaskData | None = None, tracker: Tracker | None = None,
-                 run_id: str | None = None, on_log: Callable[[int], None] | None = None) -> None:
+                 run_id: str | None = None, on_log: Callable[[int], None] | None = None,
+                 should_stop: Callable[[], bool] | None = None) -> None:
         self.task, self.controller, self.ctx, self.config = task, controller, ctx, config
+        self.should_stop = should_stop or (lambda: False)
+        self.log_floor = -1  # after a resume: steps up to here are already in the store, not logged again
         self.space = task.hparam_space()
         self.hparams: dict[str, Any] = dict(hparams)
         self.tracker, self.run_id, self.on_log = tracker, run_id, on_log
@@ -146,7 +149,7 @@ class Trainer:
         """Run up to ``n`` optimizer steps (fewer at the end of the budget) and return the state."""
         start = time.perf_counter()
         for _ in range(n):
-            if self.done:
+            if self.done or self.should_stop():
                 break
             self._train_step()
         self.wall_s += time.perf_counter() - start
@@ -251,7 +254,7 @@ class Trainer:
             self.on_log(self.step)
 
     def _log(self, metrics: Mapping[str, float]) -> None:
-        if self.tracker is not None and self.run_id is not None:
+        if self.tracker is not None and self.run_id is not None and self.step > self.log_floor:
             self.tracker.log_metrics(self.run_id, metrics, self.step)
 
     def evaluate(self, split: str = "val") -> dict[str, float]:
@@ -282,14 +285,15 @@ class Trainer:
         """Restore the last good snapshot, halve the learning rate, count it; too many: the run has diverged."""
         self.rollbacks += 1
         self._log({"controller/rollbacks": float(self.rollbacks)})
-        if self.rollbacks > self.config.max_rollbacks:
-            self.diverged = True
-            return
         snap = self._snapshot
         self.model.load_state_dict(snap.model)
         self.optimizer.load_state_dict(snap.optimizer)
         self.controller.load_state_dict(snap.controller)
         hparams = dict(snap.hparams)
+        if self.rollbacks > self.config.max_rollbacks:  # give up; the last good weights are what gets evaluated
+            self.diverged = True
+            self._apply(hparams)
+            return
         if self.config.lr_name in self.space:
             spec = self.space[self.config.lr_name]
             hparams[spec.name] = spec.clip(_to_float(hparams[spec.name]) * 0.5)
@@ -299,14 +303,16 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ the end
     def finish(self) -> RunResult:
-        """Final validation and test evaluation (skipped after divergence), final checkpoint, the result."""
+        """Final validation and test evaluation, final checkpoint, the result.
+
+        After a divergence the model is the last good snapshot, so the reported metrics are finite.
+        """
         final: dict[str, float] = {}
-        if not self.diverged:
-            val = self.val_metrics if self._last_val_step == self.step else self.evaluate("val")
-            final.update({f"val/{k}": v for k, v in val.items()})
-            final.update({f"test/{k}": v for k, v in self.evaluate("test").items()})
-            if self.train_losses:
-                final["train/loss"] = self.train_losses[-1]
+        val = self.val_metrics if self._last_val_step == self.step else self.evaluate("val")
+        final.update({f"val/{k}": v for k, v in val.items()})
+        final.update({f"test/{k}": v for k, v in self.evaluate("test").items()})
+        if self.train_losses:
+            final["train/loss"] = self.train_losses[-1]
         if self.config.checkpoint_dir:
             self.save_checkpoint()
         if self.tracker is not None and self.run_id is not None:
@@ -330,7 +336,8 @@ class Trainer:
             "hparams": {k: _to_float(v) for k, v in self.hparams.items()},
             "train_losses": list(self.train_losses), "val_metrics": dict(self.val_metrics),
             "val_history": list(self.val_history), "best": dict(self.best), "rollbacks": self.rollbacks,
-            "wall_s": self.wall_s, "first_loss": self._first_loss,
+            "wall_s": self.wall_s, "first_loss": self._first_loss, "last_val_step": self._last_val_step,
+            "loss_sum": self._loss_sum.detach().cpu(), "loss_n": self._loss_n, "diverged": self.diverged,
             "rng": {"python": _python_rng_state(), "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
                                                             *np_state[2:]],
                     "torch": torch.get_rng_state()},
@@ -340,9 +347,43 @@ class Trainer:
         return payload
 
     def save_checkpoint(self) -> Path:
+        """Write a checkpoint; the tracker is flushed first so the store holds every step up to this one."""
         from metacore.core.checkpoint import save_checkpoint
 
+        if self.tracker is not None and self.run_id is not None:
+            self.tracker.flush(self.run_id)
         return save_checkpoint(self.checkpoint_payload(), self.config.checkpoint_dir, self.step)
+
+    def restore(self, payload: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint: weights, optimizer, controller, hyperparameters, data position, every RNG."""
+        import numpy as np
+        import torch
+
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.controller.load_state_dict(payload["controller"])
+        self._apply(dict(payload["hparams"]))
+        self.step, self.epoch, self.pos = int(payload["step"]), int(payload["epoch"]), int(payload["pos"])
+        self.train_losses = list(payload["train_losses"])
+        self.val_metrics = dict(payload["val_metrics"])
+        self.val_history = list(payload["val_history"])
+        self.best = dict(payload["best"])
+        self.rollbacks = int(payload["rollbacks"])
+        self.diverged = bool(payload.get("diverged", False))
+        self.wall_s = float(payload["wall_s"])
+        self._first_loss = payload["first_loss"]
+        self._last_val_step = int(payload.get("last_val_step", -1))
+        self._loss_sum = payload["loss_sum"].to(self.ctx.device)
+        self._loss_n = int(payload["loss_n"])
+        rng = payload["rng"]
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+        np_state = rng["numpy"]
+        np.random.set_state((np_state[0], np_state[1].numpy(), *np_state[2:]))
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self._snapshot = self._take_snapshot()
 
 
 def _python_rng_state() -> list:
