@@ -1,0 +1,279 @@
+"""Hugging Face ``Trainer`` integration: any metacore controller drives a ``transformers.Trainer``'s optimizer.
+
+    from metacore.integrations.huggingface import MetacoreCallback
+
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=val,
+                      callbacks=[MetacoreCallback("hypergrad", hyper_lr=1e-3)])
+
+Where each controller call happens in Trainer's step (``transformers.Trainer._inner_training_loop``)::
+
+    backward (accumulated) -> clip -> on_pre_optimizer_step -> optimizer.step() -> on_optimizer_step
+                           -> lr_scheduler.step() -> on_step_end -> log (on_log)
+
+* ``on_pre_optimizer_step``: the gradients are final (accumulated and clipped), the parameters not yet updated. A
+  gradient-observing controller (``hypergrad``) sees them here (``observe_gradients``), then ``act`` decides, and the
+  controller's values are written into every param group, right before ``optimizer.step()``.
+* ``on_optimizer_step``: ``after_step`` (the update the optimizer just made), then each group's learning rate is put
+  back to the value the scheduler had set, so the scheduler's own (possibly recursive) schedule is never disturbed.
+* Trainer calls its scheduler after every optimizer step, which would overwrite the controller's learning rate. It
+  cannot: the controller's value is rewritten before every step. With ``schedule="override"`` (default) the
+  controller owns the learning rate and the schedule is ignored; with ``schedule="scale"`` the controller's value
+  is relative to its initial value and multiplies the schedule's (warmup and decay keep their shape).
+* The learning rate Trainer logs (``learning_rate``, read from the scheduler's ``get_last_lr()`` just after the step)
+  is the one the optimizer used: the callback sets the scheduler's last value to it. The hyperparameter trajectory
+  (``hparam/<name>``) and the controller's diagnostics (``controller/<name>``) are added to Trainer's logs (its
+  ``log_history``, and the logs later callbacks see), and sent to MLflow when MLflow is a reporter of the Trainer.
+
+Param groups keep their ratios: Trainer puts biases and norms in a group without weight decay, and a group whose
+initial value of a key is 0 while another group's is not stays at 0.
+
+This module imports ``transformers`` at import time (it subclasses ``TrainerCallback``); nothing in the CLI or the
+plugins imports it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Iterable, Mapping
+
+from transformers import TrainerCallback
+
+from metacore.core.controller import Controller, GradientObserver, StepContext
+from metacore.core.errors import ControllerError, UsageError
+from metacore.core.hparams import HParamSpace, HParamSpec
+from metacore.core.state import TrainingState
+
+SCHEDULE_MODES = ("override", "scale")
+RECENT_LOSSES = 32
+
+
+def optimizer_hparam_space(optimizer: Any, bounds: Mapping[str, tuple[float, float]] | None = None) -> HParamSpace:
+    """The hyperparameters an optimizer's param groups expose, with defaults from the groups' initial values.
+
+    ``lr`` (log scale, default bounds 1e-3x .. 100x the initial value), ``momentum`` (SGD, RMSprop), ``beta1`` (the
+    first entry of ``betas``, Adam family) and ``weight_decay``. ``bounds`` overrides any of them by name.
+    """
+    bounds = dict(bounds or {})
+    groups = _inner(optimizer).param_groups
+    first = groups[0]
+    specs: list[HParamSpec] = []
+    lr0 = float(first.get("initial_lr", first["lr"]))
+    if not lr0 > 0:
+        raise UsageError(f"the optimizer's initial learning rate must be positive, got {lr0}")
+
+    def spec(name: str, default: float, low: float, high: float, **kw: Any) -> HParamSpec:
+        low, high = bounds.pop(name, (low, high))
+        return HParamSpec(name, min(max(default, low), high), float(low), float(high), **kw)
+
+    specs.append(spec("lr", lr0, lr0 * 1e-3, lr0 * 1e2, log=True, help="learning rate of every param group"))
+    if "momentum" in first:
+        specs.append(spec("momentum", float(first["momentum"]), 0.0, 0.999, help="momentum"))
+    if "betas" in first:
+        specs.append(spec("beta1", float(first["betas"][0]), 0.0, 0.999, group_key="betas", index=0,
+                          help="first-moment decay of the Adam family"))
+    if "weight_decay" in first:
+        wd = max(float(g.get("weight_decay", 0.0)) for g in groups)
+        specs.append(spec("weight_decay", wd, 0.0, max(1.0, wd), help="weight decay (groups started at 0 stay 0)"))
+    if bounds:
+        raise UsageError(f"bounds given for {', '.join(bounds)}, which the optimizer does not have "
+                         f"(it has: {', '.join(s.name for s in specs)})")
+    return HParamSpace(specs, owner="the Trainer's optimizer")
+
+
+def _inner(optimizer: Any) -> Any:
+    """The torch optimizer behind accelerate's ``AcceleratedOptimizer`` wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _to_float(value: Any) -> float:
+    return float(value.item()) if hasattr(value, "item") else float(value)
+
+
+class MetacoreCallback(TrainerCallback):
+    """Let a metacore controller set a ``transformers.Trainer``'s hyperparameters before every optimizer step.
+
+    ``controller`` is a registered name (``metacore list controllers``), a :class:`~metacore.Controller` subclass or
+    an instance; ``options`` are its options (as ``--controller-set``), validated. ``schedule`` is ``"override"``
+    (the controller's learning rate is used as is) or ``"scale"`` (relative to its initial value, times the
+    schedule's). ``bounds`` overrides the default bounds (``{"lr": (1e-6, 1e-3)}``), ``space`` replaces the whole
+    hyperparameter space. ``metric``/``direction`` name the evaluation metric a controller sees as its primary one
+    (``eval_`` prefix stripped). ``val_data`` is an iterable of model-input batches (a ``DataLoader`` over the eval
+    set), cycled, for controllers that ask for validation gradients.
+    """
+
+    def __init__(self, controller: str | type[Controller] | Controller = "hypergrad", *, schedule: str = "override",
+                 bounds: Mapping[str, tuple[float, float]] | None = None, space: HParamSpace | None = None,
+                 metric: str = "loss", direction: str = "min", val_data: Iterable[Mapping[str, Any]] | None = None,
+                 registry: Any = None, **options: Any) -> None:
+        if schedule not in SCHEDULE_MODES:
+            raise UsageError(f"schedule must be one of {', '.join(SCHEDULE_MODES)}, got {schedule!r}")
+        if direction not in ("min", "max"):
+            raise UsageError(f"direction must be 'min' or 'max', got {direction!r}")
+        self.controller = _make_controller(controller, options, registry)
+        self.schedule = schedule
+        self.bounds = dict(bounds or {})
+        self.space: HParamSpace | None = space
+        self.metric, self.direction = metric, direction
+        self.val_data = val_data
+        self.hparams: dict[str, Any] = {}
+        self.history: list[tuple[int, dict[str, float]]] = []  # (global step, values the optimizer used)
+        self.train_losses: list[float] = []
+        self.val_metrics: dict[str, float] = {}
+        self.val_history: list[float] = []
+        self._observer = isinstance(self.controller, GradientObserver)
+        self._groups: list[dict] = []
+        self._initial: list[dict[str, Any]] = []
+        self._sched_lrs: list[Any] = []
+        self._step_ctx: StepContext | None = None
+        self._val_iter: Any = None
+        self._started = False
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if optimizer is None:
+            raise ControllerError("MetacoreCallback: the Trainer has no optimizer at on_train_begin")
+        self._groups = _inner(optimizer).param_groups
+        self.space = self.space or optimizer_hparam_space(optimizer, self.bounds)
+        keys = {s.name: s.key for s in self.space if s.acts_on == "optimizer"}
+        self._initial = [{k: g.get("initial_lr", g["lr"]) if k == "lr" else g.get(k) for k in keys.values()}
+                         for g in self._groups]
+        self.hparams = self.space.defaults()
+        self.controller.reset(dict(self.hparams), int(args.seed), self.space, int(state.max_steps))
+        self._params = [p for g in self._groups for p in g["params"] if p.requires_grad]
+        self._started = True
+
+    # ------------------------------------------------------------------------------------------------ each step
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
+        if not self._started:
+            return
+        self._sched_lrs = [g["lr"] for g in self._groups]  # the scheduler's values for this step
+        self._step_ctx = None
+        if self._observer:
+            params = [p for p in self._params if p.grad is not None]
+            self._step_ctx = StepContext(
+                step=state.global_step, params=params, grads=[p.grad for p in params], optimizer=_inner(optimizer),
+                hparams=self.hparams, val_loss_and_grads=lambda: self._val_loss_and_grads(model, params))
+            self.controller.observe_gradients(self._step_ctx)
+        changes = self.controller.act(self._training_state(state))
+        if changes:
+            self.hparams.update(self.space.sanitize(changes, self.controller.name or "controller"))
+        self._write_groups()
+        self.history.append((state.global_step, {k: _to_float(v) for k, v in self.hparams.items()}
+                             | {"lr_used": _to_float(self._groups[0]["lr"])}))
+        scheduler = kwargs.get("lr_scheduler")
+        target = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
+        if target is not None and hasattr(target, "_last_lr"):
+            target._last_lr = [g["lr"] for g in self._groups]  # so Trainer logs the learning rate actually used
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        if not self._started:
+            return
+        if self._step_ctx is not None:
+            self.controller.after_step(self._step_ctx)
+            self._step_ctx = None
+        for group, lr in zip(self._groups, self._sched_lrs, strict=True):
+            group["lr"] = lr  # the scheduler continues from its own value
+
+    def _write_groups(self) -> None:
+        ref = {s.name: s.default for s in self.space}
+        for spec in self.space:
+            if spec.acts_on != "optimizer":
+                continue
+            value = self.hparams[spec.name]
+            for i, group in enumerate(self._groups):
+                if spec.key not in group:
+                    continue
+                if spec.name == "lr":
+                    base = self._sched_lrs[i] if self.schedule == "scale" else self._initial[i]["lr"]
+                    group["lr"] = value * (base / ref["lr"]) if base != ref["lr"] else value
+                    continue
+                initial = self._initial[i].get(spec.key)
+                if spec.index is not None:
+                    initial = initial[spec.index] if initial is not None else None
+                new = value
+                if initial is not None and ref[spec.name] != 0:
+                    ratio = float(initial) / ref[spec.name]
+                    new = value if ratio == 1.0 else value * ratio
+                elif initial == 0 and any(self._initial[j].get(spec.key) for j in range(len(self._groups))):
+                    new = 0.0  # a group that started at 0 while others did not (no-decay group) stays at 0
+                if spec.index is not None:
+                    parts = list(group[spec.key])
+                    parts[spec.index] = new
+                    group[spec.key] = tuple(parts)
+                else:
+                    group[spec.key] = new
+
+    def _training_state(self, state) -> TrainingState:
+        return TrainingState(
+            step=int(state.global_step), epoch=float(state.epoch or 0.0), budget=int(state.max_steps),
+            train_loss=self.train_losses[-1] if self.train_losses else math.nan,
+            train_losses=tuple(self.train_losses), val_metrics=dict(self.val_metrics),
+            hparams={k: _to_float(v) for k, v in self.hparams.items()}, primary_metric=self.metric,
+            direction=self.direction, val_history=tuple(self.val_history))
+
+    def _val_loss_and_grads(self, model, params):
+        import torch
+
+        if self.val_data is None:
+            raise ControllerError(f"controller {self.controller.name} asks for validation gradients: pass "
+                                  "MetacoreCallback(..., val_data=<an iterable of model-input batches>)")
+        if self._val_iter is None:
+            self._val_iter = itertools.cycle(self.val_data)
+        device = params[0].device if params else "cpu"
+        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in next(self._val_iter).items()}
+        was_training = model.training
+        model.eval()
+        try:
+            out = model(**batch)
+            loss = out["loss"] if isinstance(out, Mapping) or hasattr(out, "keys") else out[0]
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            model.train(was_training)
+        return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+    # ------------------------------------------------------------------------------------------------ feedback, logs
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics:
+            return
+        self.val_metrics = {k.removeprefix("eval_"): float(v) for k, v in metrics.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.metric in self.val_metrics:
+            self.val_history.append(self.val_metrics[self.metric])
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self._started or logs is None or any(k.startswith("eval_") for k in logs):
+            return
+        if isinstance(logs.get("loss"), (int, float)) and math.isfinite(logs["loss"]):
+            self.train_losses = (self.train_losses + [float(logs["loss"])])[-RECENT_LOSSES:]
+        extra = {f"hparam/{k}": _to_float(v) for k, v in self.hparams.items()}
+        extra.update({f"controller/{k}": _to_float(v) for k, v in self.controller.diagnostics().items()})
+        logs.update(extra)  # callbacks after this one see them
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)  # Trainer appended this entry just before calling on_log
+        if "mlflow" in (args.report_to or []):
+            _log_to_mlflow(extra, state.global_step)
+
+
+def _log_to_mlflow(metrics: Mapping[str, float], step: int) -> None:
+    """Into the run Trainer's ``MLflowCallback`` opened (it runs before user callbacks, so it is active)."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
+
+
+def _make_controller(controller: Any, options: Mapping[str, Any], registry: Any) -> Controller:
+    if isinstance(controller, Controller):
+        if options:
+            raise UsageError("options are given to a controller instance; pass them to its constructor instead")
+        return controller
+    if isinstance(controller, type) and issubclass(controller, Controller):
+        return controller(**options)
+    if isinstance(controller, str):
+        if registry is None:
+            from metacore.core.registry import load_registry
+
+            registry = load_registry()
+        return registry.controller(controller).obj(**options)
+    raise UsageError(f"controller must be a registered name, a Controller subclass or instance; got {controller!r}")
