@@ -79,7 +79,7 @@ def report_markdown(result: dict[str, Any], plots: dict[str, str], *, heading: s
         out += [f"{h}# {task} ({rows[0]['metric']}, {'higher' if rows[0]['direction'] == 'max' else 'lower'} "
                 "is better)", "", table_markdown(rows), ""]
         if task in plots:
-            out += [f"![{task}: validation {rows[0]['best']['metric']} and hyperparameters against steps]"
+            out += [f"![{task}: {rows[0]['best']['metric']} and hyperparameters against steps]"
                     f"({plots[task]})", ""]
     return "\n".join(out).rstrip() + "\n"
 

@@ -8,4 +8,5 @@ COMMANDS: tuple[str, ...] = (
     "metacore.commands.run",
     "metacore.commands.list",
     "metacore.commands.compare",
+    "metacore.commands.bench",
 )

@@ -1,0 +1,76 @@
+"""``metacore bench``: a grid of runs (tasks x initial hyperparameters x controllers x seeds), then a report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from typing import Any
+
+NAME = "bench"
+
+
+def add_parser(sub: Any) -> None:
+    b = sub.add_parser(NAME, help="run a grid of controllers, seeds and initial hyperparameters; write a report")
+    tasks = b.add_mutually_exclusive_group(required=True)
+    tasks.add_argument("--task", help="one registered task")
+    tasks.add_argument("--tasks", help="comma-separated tasks, e.g. cifar10,imdb,electricity")
+    b.add_argument("--controllers", required=True, help="comma-separated controllers, e.g. hypergrad,static")
+    b.add_argument("--baseline", default="default", help="the baseline each controller is paired with "
+                   "(default: the task's, usually static; run once per grid point and seed); 'none' for none")
+    b.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
+    b.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    b.add_argument("--grid", action="append", metavar="NAME=V1,V2,...",
+                   help="initial hyperparameter (or task option) values to sweep; repeat for a product grid")
+    b.add_argument("--set", action="append", metavar="KEY=VALUE", dest="sets",
+                   help="fixed initial hyperparameter or task option for every run (repeatable)")
+    b.add_argument("--preset", default="small", help="task scale: full, small or smoke (default small)")
+    budget = b.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="budget in optimizer steps (overrides the preset)")
+    budget.add_argument("--epochs", type=float, help="budget in epochs (overrides the preset)")
+    b.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    b.add_argument("--report", metavar="PATH", help="markdown report (default mlflow_runs/reports/bench-<id>/"
+                   "report.md); an existing file with the bench markers keeps everything outside them")
+    b.add_argument("--plot-dir", metavar="DIR", help="where the report's PNGs go (default: img/ beside the report)")
+    b.add_argument("--data-dir", help="local data root (also METACORE_DATA_DIR)")
+    b.add_argument("--tracking-uri", help="MLflow store (default sqlite:///mlflow_runs/mlflow.db; "
+                   "also MLFLOW_TRACKING_URI)")
+    b.add_argument("--experiment", help="MLflow experiment (default: the task name; 'bench' for several tasks)")
+    b.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    b.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+
+
+def _names(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def main(args: argparse.Namespace) -> int:
+    from metacore.analysis.bench import BenchRequest, parse_grid, plan_bench, run_bench
+    from metacore.commands.common import report_failures
+    from metacore.core.options import parse_assignments
+    from metacore.core.registry import load_registry
+
+    registry = load_registry()
+    report_failures(registry.failures)
+    req = BenchRequest(
+        tasks=_names(args.tasks) if args.tasks else [args.task], controllers=_names(args.controllers),
+        baseline=None if args.baseline == "none" else args.baseline, seeds=args.seeds, seed=args.seed,
+        grid=parse_grid(args.grid), preset=args.preset, steps=args.steps, epochs=args.epochs,
+        sets=parse_assignments(args.sets, "--set"), data_dir=args.data_dir, tracking_uri=args.tracking_uri,
+        experiment=args.experiment, device=args.device, workers=args.workers)
+    units = plan_bench(req, registry)
+    command = "metacore " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == [NAME] else None
+    out = run_bench(req, units, command=command, report=args.report, plot_dir=args.plot_dir, quiet=args.json)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        from metacore.commands.compare import print_table
+
+        print_table({"experiment": out["experiment"], "split": "test", "rows": out.get("rows", []),
+                     "primary_metric": ",".join(sorted({r["metric"] for r in out.get("rows", [])}))})
+        print(f"report: {out.get('report')}")
+        print(f"MLflow: experiment {out['experiment']}, bench parent run {out['parent_run_id']}")
+    for f in out["failures"]:
+        print(f"metacore: error: {f['unit']}: {f['error']}", file=sys.stderr)
+    return 1 if out["failures"] else 0
