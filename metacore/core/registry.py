@@ -22,8 +22,11 @@ ENTRY_POINT_GROUP = "metacore"
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "metacore.plugins.digits",
     "metacore.plugins.cifar10",
+    "metacore.plugins.imdb",
+    "metacore.plugins.electricity",
     "metacore.controllers.static",
     "metacore.controllers.schedules",
+    "metacore.controllers.hypergrad",
 )
 
 
