@@ -81,12 +81,17 @@ def plan_run(request: RunRequest, registry: Registry | None = None) -> Plan:
     if request.checkpoint_interval is not None and request.checkpoint_interval < 0:
         raise UsageError(f"--checkpoint-interval must be >= 0, got {request.checkpoint_interval}")
 
+    suggested = task.controller_defaults(options)
+
+    def _config(cls: type, given: dict[str, Any]) -> dict[str, Any]:  # the task's suggestions, then the user's
+        return cls(**{**{k: v for k, v in suggested.items() if k in cls.options}, **given}).config
+
     ctrl_entry = registry.controller(request.controller)
-    roles = [("controller", ctrl_entry.name, ctrl_entry.obj, ctrl_entry.obj(**request.controller_sets).config)]
+    roles = [("controller", ctrl_entry.name, ctrl_entry.obj, _config(ctrl_entry.obj, request.controller_sets))]
     plugins = {task.name: task_entry.plugin, ctrl_entry.name: ctrl_entry.plugin}
     if request.baseline:
         base_entry = registry.controller(request.baseline)
-        roles.append(("baseline", base_entry.name, base_entry.obj, base_entry.obj().config))
+        roles.append(("baseline", base_entry.name, base_entry.obj, _config(base_entry.obj, {})))
         plugins[base_entry.name] = base_entry.plugin
     data_dir = request.data_dir or os.environ.get("METACORE_DATA_DIR")
     if data_dir and not Path(data_dir).is_dir():

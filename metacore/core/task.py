@@ -82,6 +82,14 @@ class Task:
     def option_specs(self) -> dict[str, OptionSpec]:
         return {}
 
+    def controller_defaults(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Controller options this task implies (e.g. its warmup length), given its resolved task options.
+
+        Each applies to any controller (or baseline) that declares an option of that name, unless the user set it
+        with ``--controller-set``.
+        """
+        return {}
+
     @property
     def direction(self) -> str:
         return self.metrics[self.primary_metric]
