@@ -15,6 +15,18 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _metacore_cache_dir(tmp_path_factory):
+    """Decoded/tokenised data caches go to a per-session temporary directory, never ``~/.cache`` (subprocesses
+    inherit it, so a test session decodes each data slice once)."""
+    if "METACORE_CACHE_DIR" not in os.environ:
+        os.environ["METACORE_CACHE_DIR"] = str(tmp_path_factory.mktemp("metacore-cache"))
+        yield
+        os.environ.pop("METACORE_CACHE_DIR", None)
+    else:
+        yield
+
+
 def shared_data_dir() -> Path | None:
     """The real data beside the project (``../shared/data`` or ``METACORE_DATA_DIR``), or None."""
     env = os.environ.get("METACORE_DATA_DIR")
