@@ -9,4 +9,5 @@ COMMANDS: tuple[str, ...] = (
     "metacore.commands.list",
     "metacore.commands.compare",
     "metacore.commands.bench",
+    "metacore.commands.meta_train",
 )

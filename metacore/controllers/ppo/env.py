@@ -1,0 +1,216 @@
+"""``metacore/HyperparamControl-v0``: a gymnasium environment whose episode is one real training run.
+
+The run is driven by the very :class:`~metacore.core.trainer.Trainer` of ``metacore run`` (``advance(interval)`` per
+decision), with a small controller inside it that applies the agent's action and collects gradient statistics.
+
+* **Episode**: a task is drawn (``task`` may be a list), a run seed is drawn, and the initial learning rate is drawn
+  log-uniformly in ``[default / lr_spread, default * lr_spread]`` (clipped to the task's bounds); the other
+  hyperparameters keep the task's defaults. The budget is ``interval * horizon`` optimizer steps.
+* **Observation**: the task-agnostic features of :mod:`metacore.controllers.ppo.features` (``Box(-5, 5, (12,))``).
+* **Action**: one value in [-1, 1] per controlled hyperparameter (``lr`` by default); the value in force is multiplied
+  by ``exp(action * max_log_step)`` (by default a factor between 1/2 and 2 per decision).
+* **Reward**: the change of the validation score ``-log(error)`` (see :func:`~metacore.controllers.ppo.features.score`)
+  since the previous decision, so the return is the log error-reduction ratio of the whole run, comparable across
+  tasks. A rollback costs ``rollback_penalty``; a diverged run ends the episode and gives back all its progress plus
+  ``divergence_penalty``.
+
+Data are loaded once per task per environment (from ``data_seed``) and shared by its episodes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from metacore.controllers.ppo import ENV_ID
+from metacore.controllers.ppo.features import CLIP, FEATURES, FeatureTracker, score
+from metacore.core.controller import Controller, StepContext
+from metacore.core.errors import UsageError
+from metacore.core.state import TrainingState
+
+
+class _EnvController(Controller):
+    """Applies the agent's pending action at the next step and records gradient statistics."""
+
+    name = "ppo-env"
+
+    def __init__(self, tracker: FeatureTracker) -> None:
+        super().__init__()
+        self.tracker = tracker
+        self.pending: dict[str, float] = {}
+
+    def observe_gradients(self, ctx: StepContext) -> None:
+        self.tracker.grads.observe(ctx.grads)
+
+    def after_step(self, ctx: StepContext) -> None:
+        pass
+
+    def act(self, state: TrainingState) -> dict[str, Any]:
+        changes, self.pending = self.pending, {}
+        return changes
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.tracker.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.tracker.load_state_dict(state)
+
+
+class HyperparamControlEnv(gym.Env):
+    """One training run per episode; the agent changes hyperparameters every ``interval`` optimizer steps."""
+
+    metadata = {"render_modes": []}
+
+    def __init__(self, task: str | Sequence[str] = "digits", preset: str = "smoke", interval: int | None = None,
+                 horizon: int = 10, seed: int | None = None, *, hparams: Sequence[str] = ("lr",),
+                 max_log_step: float = math.log(2.0), lr_spread: float = 10.0, data_dir: str | None = None,
+                 device: str = "cpu", task_options: Mapping[str, Any] | None = None,
+                 rollback_penalty: float = 0.2, divergence_penalty: float = 1.0) -> None:
+        from metacore.core.registry import load_registry
+
+        super().__init__()
+        names = [task] if isinstance(task, str) else list(task)
+        if not names:
+            raise UsageError("HyperparamControl needs at least one task")
+        if horizon < 1:
+            raise UsageError(f"horizon must be at least 1, got {horizon}")
+        registry = load_registry()
+        self.tasks = {n: registry.task(n).obj() for n in names}
+        self.task_names = names
+        self.preset_name = preset
+        self.presets = {n: t.preset(preset) for n, t in self.tasks.items()}
+        self.options = {n: t.resolve_options(self.presets[n], dict(task_options or {})) for n, t in self.tasks.items()}
+        for n, t in self.tasks.items():
+            space = t.hparam_space()
+            for h in ("lr", *hparams):
+                if h not in space:
+                    raise UsageError(f"task {n} has no hyperparameter {h!r} to control")
+        self.interval_arg = interval
+        self.horizon = int(horizon)
+        self.hparam_names = list(hparams)
+        self.max_log_step = float(max_log_step)
+        self.lr_spread = float(lr_spread)
+        self.data_dir = data_dir
+        self.device = device
+        self.rollback_penalty = float(rollback_penalty)
+        self.divergence_penalty = float(divergence_penalty)
+        self.data_seed = 0 if seed is None else int(seed)
+        self._seed = seed
+        self.observation_space = spaces.Box(-CLIP, CLIP, shape=(len(FEATURES),), dtype=np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(len(self.hparam_names),), dtype=np.float32)
+        self._data: dict[str, Any] = {}
+        self.trainer = None
+        self.episode_info: dict[str, Any] = {}
+
+    def interval_for(self, name: str) -> int:
+        return int(self.interval_arg or max(1, self.presets[name].steps // self.horizon))
+
+    def _load(self, name: str, ctx) -> Any:
+        if name not in self._data:
+            self._data[name] = self.tasks[name].load_data(ctx)
+        return self._data[name]
+
+    # ------------------------------------------------------------------------------------------------ gym API
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        from metacore.core.task import TaskContext
+        from metacore.core.trainer import Trainer, TrainerConfig
+
+        if seed is None and self._seed is not None and self.trainer is None:
+            seed = self._seed
+        super().reset(seed=seed)
+        rng = self.np_random
+        name = self.task_names[int(rng.integers(len(self.task_names)))]
+        task, preset = self.tasks[name], self.presets[name]
+        space = task.hparam_space()
+        hparams = space.defaults()
+        lr_spec = space["lr"]
+        hparams["lr"] = lr_spec.clip(lr_spec.default * math.exp(rng.uniform(-1, 1) * math.log(self.lr_spread)))
+        run_seed = int(rng.integers(2**31 - 1))
+        interval = self.interval_for(name)
+        log_interval = preset.log_interval if interval % preset.log_interval == 0 else interval
+        config = TrainerConfig(budget=interval * self.horizon, log_interval=log_interval, eval_interval=interval)
+        data = self._load(name, TaskContext(preset, dict(self.options[name]), self.data_seed, self.device,
+                                            _path(self.data_dir), dict(hparams)))
+        ctx = TaskContext(preset, dict(self.options[name]), run_seed, self.device, _path(self.data_dir),
+                          dict(hparams))
+        self.tracker = FeatureTracker(hparams["lr"], lr_spec.default)
+        self.controller = _EnvController(self.tracker)
+        self.trainer = Trainer(task, self.controller, ctx, hparams, config, data=data)
+        self.interval = interval
+        self.task_name = name
+        self.direction = task.direction
+        self.primary = task.primary_metric
+        self.score0 = score(self._evaluate_quietly(), self.direction)
+        self.score = self.score0
+        self.rollbacks = 0
+        self.episode_info = {"task": name, "seed": run_seed, "lr0": hparams["lr"], "interval": interval}
+        return self._observe(self.trainer.state()), dict(self.episode_info)
+
+    def step(self, action):
+        if self.trainer is None:
+            raise RuntimeError("call reset() before step()")
+        a = np.clip(np.asarray(action, dtype=np.float64).reshape(-1), -1.0, 1.0)
+        state = self.trainer.state()
+        self.controller.pending = {h: float(state.hparams[h]) * math.exp(float(x) * self.max_log_step)
+                                   for h, x in zip(self.hparam_names, a, strict=True)}
+        state = self.trainer.advance(self.interval)
+        trainer = self.trainer
+        new_rollbacks = trainer.rollbacks - self.rollbacks
+        self.rollbacks = trainer.rollbacks
+        reward = -self.rollback_penalty * new_rollbacks
+        terminated = False
+        if trainer.diverged:
+            reward += -(self.score - self.score0) - self.divergence_penalty
+            terminated = True
+        else:
+            if trainer.step >= trainer.config.budget:
+                trainer.evaluate("val")
+                terminated = True
+                state = trainer.state()
+            value = trainer.val_metrics.get(self.primary, math.nan)
+            new_score = score(value, self.direction) if math.isfinite(value) else self.score
+            reward += new_score - self.score
+            self.score = new_score
+        obs = self._observe(state)
+        info = {**self.episode_info, "step": trainer.step, "lr": float(state.hparams["lr"]),
+                "score": self.score - self.score0, "val": trainer.val_metrics.get(self.primary, math.nan),
+                "diverged": trainer.diverged}
+        return obs, float(reward), terminated, False, info
+
+    def _observe(self, state: TrainingState) -> np.ndarray:
+        feats = self.tracker.features(state, self.tracker.grads.take())
+        return np.asarray(feats, dtype=np.float32)
+
+    def _evaluate_quietly(self) -> float:
+        """The primary validation metric before training (not recorded in the trainer's history)."""
+        import torch
+
+        t = self.trainer
+        t.model.eval()
+        with torch.no_grad():
+            metrics = t.task.evaluate(t.model, t.data, "val", t.ctx)
+        t.model.train()
+        return metrics[self.primary]
+
+    def close(self) -> None:
+        self.trainer = None
+        self._data.clear()
+
+
+def _path(p: str | None):
+    from pathlib import Path
+
+    return Path(p) if p else None
+
+
+def register() -> None:
+    """Register ``metacore/HyperparamControl-v0`` with gymnasium (idempotent)."""
+    if ENV_ID not in gym.registry:
+        gym.register(id=ENV_ID, entry_point="metacore.controllers.ppo.env:HyperparamControlEnv")
+
+
+register()
