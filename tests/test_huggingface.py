@@ -16,8 +16,8 @@ from metacore import Controller  # noqa: E402
 from metacore.core.errors import UsageError  # noqa: E402
 from metacore.integrations.huggingface import MetacoreCallback, optimizer_hparam_space  # noqa: E402
 
-VOCAB, SEQ, N = 64, 12, 256
-LR0, STEPS, WARMUP = 1e-2, 24, 6
+VOCAB, SEQ, N = 64, 8, 96
+LR0, STEPS, WARMUP = 1e-2, 12, 3
 
 
 class Tokens(torch.utils.data.Dataset):
@@ -57,8 +57,8 @@ class LrProbe(TrainerCallback):
 
 def train(tmp_path, callbacks, optim="sgd", max_grad_norm=1.0, **extra):
     probe = LrProbe()
-    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=16, max_steps=STEPS,
-                             learning_rate=LR0, warmup_steps=WARMUP, lr_scheduler_type="linear", logging_steps=6,
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=STEPS,
+                             learning_rate=LR0, warmup_steps=WARMUP, lr_scheduler_type="linear", logging_steps=3,
                              report_to="none", use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True,
                              optim=optim, max_grad_norm=max_grad_norm, dataloader_num_workers=0, **extra)
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=Tokens(N, 0), callbacks=[*callbacks, probe])
@@ -67,12 +67,12 @@ def train(tmp_path, callbacks, optim="sgd", max_grad_norm=1.0, **extra):
 
 
 class StepLr(Controller):
-    """A known learning-rate rule (2 x initial, halved every 8 steps) that differs from warmup + linear decay."""
+    """A known learning-rate rule (2 x initial, halved every 4 steps) that differs from warmup + linear decay."""
 
     name = "test-step-lr"
 
     def act(self, state):
-        return {"lr": self.initial["lr"] * 2 * 0.5 ** (state.step // 8)}
+        return {"lr": self.initial["lr"] * 2 * 0.5 ** (state.step // 4)}
 
 
 class SgdChecker(Controller):
@@ -106,12 +106,17 @@ class SgdChecker(Controller):
         return {"checked": float(self.checked)}
 
 
-def test_lr_used_is_the_controllers_not_the_schedulers(tmp_path):
-    _, plain = train(tmp_path / "a", [])
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    """The learning rates of a run without the callback: the scheduler's (warmup, then linear decay)."""
+    return train(tmp_path_factory.mktemp("plain"), [])[1]
+
+
+def test_lr_used_is_the_controllers_not_the_schedulers(tmp_path, plain):
     cb = MetacoreCallback(StepLr)
     trainer, used = train(tmp_path / "b", [cb])
     assert len(plain) == len(used) == STEPS
-    expected = [LR0 * 2 * 0.5 ** (s // 8) for s in range(STEPS)]
+    expected = [LR0 * 2 * 0.5 ** (s // 4) for s in range(STEPS)]
     assert used == pytest.approx(expected, rel=1e-9)
     assert plain[0] == 0.0 and plain[WARMUP] == pytest.approx(LR0)  # the scheduler: warmup from 0 then decay
     assert sum(abs(a - b) > 1e-6 for a, b in zip(plain, used, strict=True)) >= STEPS - 1
@@ -135,10 +140,9 @@ def test_gradient_observer_sees_final_gradients_before_the_step(tmp_path):
     assert trainer.state.log_history[-2]["controller/checked"] > 0
 
 
-def test_scale_mode_multiplies_the_schedule(tmp_path):
-    _, plain = train(tmp_path / "a", [])
+def test_scale_mode_multiplies_the_schedule(tmp_path, plain):
     _, used = train(tmp_path / "b", [MetacoreCallback(StepLr, schedule="scale")])
-    expected = [p * 2 * 0.5 ** (s // 8) for s, p in enumerate(plain)]
+    expected = [p * 2 * 0.5 ** (s // 4) for s, p in enumerate(plain)]
     assert used == pytest.approx(expected, rel=1e-9, abs=1e-15)
 
 

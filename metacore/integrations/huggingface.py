@@ -242,8 +242,8 @@ class MetacoreCallback(TrainerCallback):
             self.val_history.append(self.val_metrics[self.metric])
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not self._started or logs is None or any(k.startswith("eval_") for k in logs):
-            return
+        if not self._started or logs is None or not ("loss" in logs or "learning_rate" in logs):
+            return  # only training logs (not evaluation metrics, not the end-of-training summary)
         if isinstance(logs.get("loss"), (int, float)) and math.isfinite(logs["loss"]):
             self.train_losses = (self.train_losses + [float(logs["loss"])])[-RECENT_LOSSES:]
         extra = {f"hparam/{k}": _to_float(v) for k, v in self.hparams.items()}
