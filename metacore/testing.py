@@ -1,0 +1,499 @@
+"""Helpers for plugin authors: a plugin manager with chosen plugins only, tiny tasks, and contract test cases.
+
+A third party checks its controller or task by subclassing a contract class in its own test suite and providing one
+fixture (in the style of optuna's sampler test cases); pytest collects the inherited tests::
+
+    import pytest
+    from metacore.testing import ControllerContract, TaskContract
+
+    class TestMyController(ControllerContract):
+        @pytest.fixture
+        def controller_class(self):
+            return MyController
+
+    class TestMyTask(TaskContract):
+        @pytest.fixture
+        def task(self):
+            return MyTask()
+
+metacore's own tasks and controllers pass the same classes (``tests/test_contracts.py``). The tiny tasks train in a
+fraction of a second on a CPU, so a controller's contract runs on both an SGD-with-momentum and an Adam optimizer.
+
+This module imports ``pytest`` (it is used from test suites only) and imports ``torch`` inside its functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import math
+from typing import Any, Mapping
+
+import pytest
+
+from metacore.core.controller import Controller, GradientObserver, StepContext
+from metacore.core.errors import DataError, MetacoreError, UsageError
+from metacore.core.hookspecs import hookimpl
+from metacore.core.hparams import HParamSpace, HParamSpec
+from metacore.core.options import OptionSpec
+from metacore.core.registry import PluginManager, Registry, build_registry, get_plugin_manager
+from metacore.core.task import Preset, Task, TaskContext, TaskData
+
+__all__ = [
+    "ControllerContract", "TaskContract", "TinyAdamTask", "TinyTask", "class_plugin", "make_registry",
+    "plugin_manager", "registered_names", "run_controller", "step_context", "task_context",
+]
+
+
+# ---------------------------------------------------------------------------------------------------- plugin managers
+def class_plugin(*classes: type, name: str = "metacore.testing.classes") -> Any:
+    """A plugin object that registers the given Task and Controller classes (no module or entry point needed)."""
+    tasks = [c for c in classes if isinstance(c, type) and issubclass(c, Task)]
+    controllers = [c for c in classes if isinstance(c, type) and issubclass(c, Controller)]
+    other = [c for c in classes if c not in tasks and c not in controllers]
+    if other:
+        raise UsageError(f"class_plugin takes Task and Controller subclasses, got {other[0]!r}")
+
+    class _Plugin:
+        __name__ = name
+
+        @hookimpl
+        def metacore_register_tasks(self, register):
+            for cls in tasks:
+                register(cls)
+
+        @hookimpl
+        def metacore_register_controllers(self, register):
+            for cls in controllers:
+                register(cls)
+
+    return _Plugin()
+
+
+def plugin_manager(*plugins: Any, builtins: bool = False, entry_points: bool = False) -> PluginManager:
+    """A fresh plugin manager with only ``plugins``: module paths, modules, plugin objects, or Task/Controller classes.
+
+    ``builtins=True`` adds metacore's built-in plugins, ``entry_points=True`` the installed third-party ones.
+    """
+    from metacore.core.registry import DEFAULT_PLUGINS
+
+    chosen: list[Any] = list(DEFAULT_PLUGINS) if builtins else []
+    classes = [p for p in plugins if isinstance(p, type)]
+    chosen += [p for p in plugins if not isinstance(p, type)]
+    if classes:
+        chosen.append(class_plugin(*classes))
+    return get_plugin_manager(chosen, entry_points=entry_points)
+
+
+def make_registry(*plugins: Any, builtins: bool = False, entry_points: bool = False) -> Registry:
+    """The registry of :func:`plugin_manager`; import or registration failures raise instead of being skipped."""
+    pm = plugin_manager(*plugins, builtins=builtins, entry_points=entry_points)
+    registry = build_registry(pm)
+    if registry.failures:
+        name, reason = next(iter(registry.failures.items()))
+        raise MetacoreError(f"plugin {name!r} failed: {reason}")
+    return registry
+
+
+# ---------------------------------------------------------------------------------------------------- tiny tasks
+class TinyTask(Task):
+    """Three Gaussian blobs in 8 dimensions, a two-layer MLP, SGD with momentum: trains in well under a second."""
+
+    name = "tiny"
+    description = "three Gaussian blobs, a small MLP, SGD with momentum (metacore.testing)"
+    primary_metric = "accuracy"
+    metrics = {"accuracy": "max", "f1_macro": "max"}
+    eval_batch_size = 256
+
+    def hparam_space(self) -> HParamSpace:
+        return HParamSpace([
+            HParamSpec("lr", 0.05, 1e-5, 10.0, log=True, help="learning rate"),
+            HParamSpec("momentum", 0.9, 0.0, 0.999, help="SGD momentum"),
+            HParamSpec("weight_decay", 1e-4, 0.0, 0.1, help="L2 weight decay"),
+            HParamSpec("dropout", 0.0, 0.0, 0.9, acts_on="model", help="dropout of the hidden layer"),
+            HParamSpec("batch_size", 32, 4, 256, acts_on="data", integer=True, help="examples per step"),
+        ], owner=f"task {self.name}")
+
+    def option_specs(self) -> dict[str, OptionSpec]:
+        return {"hidden": OptionSpec("hidden", 16, int, "hidden units", 1, 1024),
+                "examples": OptionSpec("examples", 640, int, "examples in all splits", 30, 100_000)}
+
+    def presets(self) -> dict[str, Preset]:
+        return {
+            "full": Preset("full", steps=600, eval_interval=100, log_interval=10, options={"hidden": 64}),
+            "small": Preset("small", steps=200, eval_interval=50, log_interval=10),
+            "smoke": Preset("smoke", steps=30, eval_interval=10, log_interval=5, description="a fraction of a second"),
+        }
+
+    def load_data(self, ctx: TaskContext) -> TaskData:
+        import torch
+
+        n = int(ctx.options.get("examples", 640))
+        gen = torch.Generator().manual_seed(12345)  # a fixed problem; the trainer's data order follows the seed
+        centers = torch.randn(3, 8, generator=gen) * 2.0
+        y = torch.arange(n) % 3
+        x = centers[y] + torch.randn(n, 8, generator=gen)
+        perm = torch.randperm(n, generator=gen)
+        x, y = x[perm], y[perm]
+        a, b = int(0.6 * n), int(0.8 * n)
+        return TaskData(train=(x[:a], y[:a]), val=(x[a:b], y[a:b]), test=(x[b:], y[b:]),
+                        info={"data.source": "generated", "data.train": a, "data.val": b - a, "data.test": n - b})
+
+    def build_model(self, data: TaskData, ctx: TaskContext):
+        import torch.nn as nn
+
+        h = int(ctx.options.get("hidden", 16))
+        return nn.Sequential(nn.Linear(8, h), nn.ReLU(), nn.Dropout(ctx.hparams.get("dropout", 0.0)), nn.Linear(h, 3))
+
+    def build_optimizer(self, model, hparams: Mapping[str, float], ctx: TaskContext):
+        import torch
+
+        return torch.optim.SGD(model.parameters(), lr=hparams["lr"], momentum=hparams["momentum"],
+                               weight_decay=hparams["weight_decay"])
+
+
+class TinyAdamTask(TinyTask):
+    """The tiny task with Adam: ``beta1`` instead of ``momentum`` (controllers must cope with either)."""
+
+    name = "tiny-adam"
+    description = "three Gaussian blobs, a small MLP, Adam (metacore.testing)"
+
+    def hparam_space(self) -> HParamSpace:
+        return HParamSpace([
+            HParamSpec("lr", 1e-2, 1e-6, 1.0, log=True, help="learning rate"),
+            HParamSpec("beta1", 0.9, 0.0, 0.999, group_key="betas", index=0, help="Adam's first-moment decay"),
+            HParamSpec("weight_decay", 0.0, 0.0, 0.1, help="L2 weight decay"),
+            HParamSpec("batch_size", 32, 4, 256, acts_on="data", integer=True, help="examples per step"),
+        ], owner=f"task {self.name}")
+
+    def build_optimizer(self, model, hparams: Mapping[str, float], ctx: TaskContext):
+        import torch
+
+        return torch.optim.Adam(model.parameters(), lr=hparams["lr"], betas=(hparams["beta1"], 0.999),
+                                weight_decay=hparams["weight_decay"])
+
+
+# ---------------------------------------------------------------------------------------------------- running
+def task_context(task: Task, preset: str = "smoke", seed: int = 0, data_dir: Any = None,
+                 hparams: Mapping[str, Any] | None = None, options: Mapping[str, Any] | None = None) -> TaskContext:
+    """A :class:`TaskContext` at a preset, with the task's default hyperparameters (overridden by ``hparams``)."""
+    from pathlib import Path
+
+    p = task.preset(preset)
+    values = task.hparam_space().resolve(dict(hparams or {}))
+    return TaskContext(p, task.resolve_options(p, dict(options or {})), seed, "cpu",
+                       Path(data_dir) if data_dir else None, values)
+
+
+def run_controller(controller: Controller, task: Task | None = None, *, steps: int | None = None, seed: int = 0,
+                   hparams: Mapping[str, Any] | None = None, data: TaskData | None = None, data_dir: Any = None,
+                   tracker: Any = None, log_interval: int | None = None, eval_interval: int | None = None,
+                   stop_after: int | None = None):
+    """Train ``task`` (default :class:`TinyTask`) at its smoke preset with ``controller`` on the CPU.
+
+    A tiny task trains on one torch thread (restored afterwards).
+
+    Returns ``(trainer, result)``; metrics go to ``tracker`` (an in-memory one by default: ``trainer.tracker``).
+    With ``stop_after`` the run stops after that many of its ``steps`` and ``result`` is None (the run is not over).
+    """
+    from metacore.core.tracking import MemoryTracker
+    from metacore.core.trainer import Trainer, TrainerConfig
+
+    task = task or TinyTask()
+    ctx = task_context(task, "smoke", seed, data_dir, hparams)
+    tracker = tracker or MemoryTracker()
+    run_id = tracker.start_run(task.name, controller.name or "controller")
+    budget = steps or ctx.preset.steps
+    config = TrainerConfig(budget=budget, log_interval=log_interval or ctx.preset.log_interval,
+                           eval_interval=eval_interval or ctx.preset.eval_interval)
+    with _threads(1 if isinstance(task, TinyTask) else None):
+        trainer = Trainer(task, controller, ctx, ctx.hparams, config, data=data, tracker=tracker, run_id=run_id)
+        if stop_after is not None:
+            trainer.advance(stop_after)
+            return trainer, None
+        return trainer, trainer.run()
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    """Run with ``n`` torch threads: a tiny model gains nothing from threads and loses much to contention."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def step_context(trainer: Any) -> StepContext:
+    """Forward and backward one training batch of ``trainer`` and the :class:`StepContext` an observer would get."""
+    import torch
+
+    indices = torch.arange(min(int(trainer.hparams.get("batch_size", 32)), trainer.data.train_size))
+    batch = trainer.task.train_batch(trainer.data, indices, trainer.ctx)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.model.train()
+    trainer.task.loss(trainer.model, batch).backward()
+    return trainer._step_context()
+
+
+def is_plain(value: Any) -> bool:
+    """Tensors and plain values only (what ``torch.load(weights_only=True)`` reads back)."""
+    import torch
+
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, (str, int)) and is_plain(v) for k, v in value.items())
+    return False
+
+
+def _as_float(value: Any) -> float:
+    return float(value.item()) if hasattr(value, "item") else float(value)
+
+
+def _weights_only_copy(state: Any) -> Any:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------------- contracts
+class ControllerContract:
+    """The contract every controller meets. Subclass and override the ``controller_class`` fixture.
+
+    Override ``controller_options`` to test with non-default options, and ``contract_task`` to run on your own
+    task instead of the two tiny ones.
+    """
+
+    steps = 24
+
+    @pytest.fixture
+    def controller_class(self) -> type[Controller]:
+        raise NotImplementedError("override the controller_class fixture to return your Controller subclass")
+
+    @pytest.fixture
+    def controller_options(self) -> dict[str, Any]:
+        return {}
+
+    @pytest.fixture(params=["sgd", "adam"])
+    def contract_task(self, request) -> Task:
+        return TinyTask() if request.param == "sgd" else TinyAdamTask()
+
+    @pytest.fixture
+    def make_controller(self, controller_class, controller_options):
+        return lambda: controller_class(**controller_options)
+
+    # -- declaration
+    def test_declares_name_description_and_options(self, controller_class):
+        assert issubclass(controller_class, Controller)
+        assert isinstance(controller_class.name, str) and controller_class.name.strip()
+        assert isinstance(controller_class.description, str)
+        for key, spec in controller_class.options.items():
+            assert isinstance(spec, OptionSpec) and spec.name == key
+            assert spec.parse(spec.default) == spec.default, f"option {key}: its default does not parse"
+
+    def test_rejects_an_unknown_option(self, controller_class):
+        with pytest.raises(UsageError):
+            controller_class(no_such_option_xyz=1)
+
+    # -- behaviour in the training loop
+    def test_trains_within_bounds(self, make_controller, contract_task):
+        controller = make_controller()
+        seen: list[dict[str, Any]] = []
+        act = controller.act
+
+        def checked_act(state):
+            changes = act(state)
+            assert isinstance(changes, Mapping), f"act() must return a mapping, got {type(changes).__name__}"
+            seen.append(dict(changes))
+            return changes
+
+        controller.act = checked_act  # type: ignore[method-assign]
+        trainer, result = run_controller(controller, contract_task, steps=self.steps)
+        space = contract_task.hparam_space()
+        assert result.steps == self.steps and not result.diverged
+        assert len(seen) == self.steps, "act() must be called once per optimizer step"
+        for changes in seen:
+            unknown = set(changes) - set(space.names())
+            assert not unknown, f"act() changed hyperparameters the task does not declare: {unknown}"
+            for name, value in changes.items():
+                assert isinstance(value, (int, float)) or getattr(value, "ndim", None) == 0, (name, value)
+        for name, value in result.hparams_final.items():
+            spec = space[name]
+            assert math.isfinite(value) and spec.low <= value <= spec.high, (name, value)
+        for key, value in controller.diagnostics().items():
+            assert isinstance(key, str) and math.isfinite(_as_float(value)), (key, value)
+        history = trainer.tracker.history(trainer.run_id, "hparam/lr")
+        assert history and all(space["lr"].low <= v <= space["lr"].high for _, v in history)
+
+    def test_same_seed_same_trajectory(self, make_controller, contract_task):
+        _, a = run_controller(make_controller(), contract_task, steps=12, seed=3)
+        _, b = run_controller(make_controller(), contract_task, steps=12, seed=3)
+        assert a.hparams_final == b.hparams_final
+        assert a.final == b.final
+
+    # -- state
+    def test_state_dict_is_plain_and_loads_weights_only(self, make_controller, contract_task):
+        controller = make_controller()
+        run_controller(controller, contract_task, steps=8)
+        state = controller.state_dict()
+        assert isinstance(state, dict) and is_plain(state), "state_dict() may hold tensors and plain values only"
+        restored = _weights_only_copy(state)
+        fresh = make_controller()
+        space = contract_task.hparam_space()
+        fresh.reset(space.defaults(), 0, space, 8)
+        fresh.load_state_dict(restored)
+
+    def test_state_dict_round_trip_reproduces_the_next_action(self, make_controller, contract_task):
+        import torch
+
+        controller = make_controller()
+        trainer, _ = run_controller(controller, contract_task, steps=20, stop_after=10)
+        clone = make_controller()
+        clone.reset(dict(trainer.ctx.hparams), trainer.ctx.seed, trainer.space, trainer.config.budget)
+        clone.load_state_dict(_weights_only_copy(copy.deepcopy(controller.state_dict())))
+        actions = []
+        for c in (controller, clone):
+            if isinstance(c, GradientObserver):
+                ctx = step_context(trainer)
+                grads = [g.clone() for g in ctx.grads]
+                c.observe_gradients(ctx)
+                for g, before in zip(ctx.grads, grads, strict=True):
+                    assert torch.equal(g, before), "observe_gradients() must not modify the gradients"
+            torch.manual_seed(1234)
+            actions.append({k: _as_float(v) for k, v in trainer.space.sanitize(c.act(trainer.state()),
+                                                                               c.name).items()})
+        assert actions[0] == actions[1], "a controller restored from state_dict() must take the same next action"
+
+    def test_rollback_then_act(self, make_controller, contract_task):
+        controller = make_controller()
+        trainer, _ = run_controller(controller, contract_task, steps=6)
+        hparams = {k: _as_float(v) for k, v in trainer.hparams.items()}
+        hparams["lr"] = trainer.space["lr"].clip(hparams["lr"] * 0.5)
+        controller.on_rollback(hparams)
+        if isinstance(controller, GradientObserver):
+            controller.observe_gradients(step_context(trainer))
+        changes = trainer.space.sanitize(controller.act(trainer.state()), controller.name)
+        assert all(math.isfinite(_as_float(v)) for v in changes.values())
+
+
+class TaskContract:
+    """The contract every task meets. Subclass and override the ``task`` fixture (and ``data_dir`` if it needs data).
+
+    A task whose data are missing raises :class:`~metacore.core.errors.DataError`; the data-dependent tests then
+    skip. Data and the built model are made once per task and test class.
+    """
+
+    preset = "smoke"
+    train_steps = 3
+
+    @pytest.fixture
+    def task(self) -> Task:
+        raise NotImplementedError("override the task fixture to return an instance of your Task")
+
+    @pytest.fixture
+    def data_dir(self):
+        return None
+
+    @pytest.fixture
+    def task_data(self, task, data_dir, request):
+        """``(ctx, data)`` at the smoke preset, cached per test class; skips when the task's data are absent."""
+        return self.load_task_data(task, data_dir, request)
+
+    def load_task_data(self, task, data_dir, request):
+        cache = request.cls.__dict__.get("_data_cache")
+        if cache is None:
+            cache = {}
+            request.cls._data_cache = cache
+        key = (type(task), str(data_dir))
+        if key not in cache:
+            ctx = task_context(task, self.preset, 0, data_dir)
+            try:
+                cache[key] = (ctx, task.load_data(ctx))
+            except DataError as exc:
+                cache[key] = exc
+        if isinstance(cache[key], DataError):
+            pytest.skip(f"data for task {task.name} not available: {cache[key]}")
+        return cache[key]
+
+    # -- declaration
+    def test_declares_metrics_and_presets(self, task):
+        assert isinstance(task, Task)
+        assert isinstance(task.name, str) and task.name.strip()
+        assert task.metrics and all(d in ("max", "min") for d in task.metrics.values())
+        assert task.primary_metric in task.metrics
+        assert isinstance(task.default_baseline, str) and task.default_baseline
+        presets = task.presets()
+        assert "smoke" in presets, "a task declares a 'smoke' preset for tests"
+        for name, p in presets.items():
+            assert isinstance(p, Preset) and p.name == name
+            assert p.steps >= 1 and p.eval_interval >= 1 and p.log_interval >= 1 and p.checkpoint_interval >= 0
+            task.resolve_options(p, {})  # a preset's options are valid task options
+
+    def test_hparam_space_is_well_formed(self, task):
+        space = task.hparam_space()
+        assert isinstance(space, HParamSpace) and space.names()
+        for spec in space:
+            assert spec.acts_on in ("optimizer", "model", "data")
+            assert spec.check(spec.default) == spec.default
+        with pytest.raises(UsageError):
+            space.validate({"no_such_hparam_xyz": 1})
+
+    # -- building and training
+    def test_data_splits(self, task_data):
+        _, data = task_data
+        for split in ("train", "val", "test"):
+            tensors = data.split(split)
+            assert isinstance(tensors, tuple) and len(tensors) >= 2, f"{split}: a tuple of tensors (inputs, targets)"
+            sizes = {int(t.shape[0]) for t in tensors}
+            assert len(sizes) == 1 and sizes.pop() > 0, f"{split}: tensors disagree on the number of examples"
+        for key, value in data.info.items():
+            assert isinstance(key, str) and isinstance(value, (str, int, float, bool)), (key, value)
+
+    def test_optimizer_exposes_every_optimizer_hparam(self, task, task_data):
+        import torch
+
+        ctx, data = task_data
+        torch.manual_seed(0)
+        model = task.build_model(data, ctx)
+        optimizer = task.build_optimizer(model, ctx.hparams, ctx)
+        for spec in task.hparam_space():
+            if spec.acts_on == "optimizer":
+                assert any(spec.key in g for g in optimizer.param_groups), (
+                    f"hyperparameter {spec.name} writes param-group key {spec.key!r}, which no group has")
+            elif spec.acts_on == "model":
+                task.apply_model_hparam(model, spec.name, spec.default)
+
+    def test_trains_and_evaluates(self, task, task_data):
+        from metacore.controllers.static import StaticController
+        from metacore.core.tracking import MemoryTracker
+        from metacore.core.trainer import Trainer, TrainerConfig
+
+        ctx, data = task_data
+        tracker = MemoryTracker()
+        run_id = tracker.start_run(task.name, "contract")
+        config = TrainerConfig(budget=self.train_steps, log_interval=1, eval_interval=10**9)
+        trainer = Trainer(task, StaticController(), ctx, ctx.hparams, config, data=data, tracker=tracker,
+                          run_id=run_id)
+        trainer.advance(self.train_steps)
+        losses = [v for _, v in tracker.history(run_id, "train/loss")]
+        assert len(losses) == self.train_steps and all(math.isfinite(v) for v in losses)
+        metrics = trainer.evaluate("val")
+        assert set(task.metrics) <= set(metrics), f"evaluate() must return every declared metric {set(task.metrics)}"
+        assert all(math.isfinite(float(v)) for v in metrics.values())
+
+
+def registered_names(registry: Registry, kind: str) -> list[str]:
+    """Sorted names of the registered tasks or controllers (for parametrizing contract tests)."""
+    table = registry.tasks if kind == "task" else registry.controllers
+    return sorted(table)

@@ -1,0 +1,57 @@
+"""Every registered task and controller (built-in and installed third-party) passes metacore.testing's contracts.
+
+Parametrized from the live registry, so a new plugin is covered by being registered. Tasks are built at their
+``smoke`` preset with the real data (``../shared/data`` or ``METACORE_DATA_DIR``); a task whose data are absent skips.
+The real-data built-ins (seconds to load and step even at ``smoke``) are trained in the ``slow`` class; their
+declarations are checked in the fast one.
+"""
+
+from __future__ import annotations
+
+import pytest
+from conftest import shared_data_dir
+
+from metacore.core.registry import load_registry
+from metacore.testing import ControllerContract, TaskContract, registered_names
+
+REGISTRY = load_registry()
+TASKS = registered_names(REGISTRY, "task")
+HEAVY_TASKS = [name for name in TASKS if name in {"cifar10", "imdb", "electricity"}]
+
+
+def test_every_plugin_loads():
+    assert REGISTRY.failures == {}, f"plugins failed to load: {REGISTRY.failures}"
+    assert REGISTRY.tasks and REGISTRY.controllers
+
+
+class TestRegisteredControllers(ControllerContract):
+    @pytest.fixture(params=registered_names(REGISTRY, "controller"))
+    def controller_class(self, request):
+        return REGISTRY.controllers[request.param].obj
+
+
+class TestRegisteredTasks(TaskContract):
+    @pytest.fixture(params=TASKS)
+    def task(self, request):
+        return REGISTRY.tasks[request.param].obj()
+
+    @pytest.fixture
+    def data_dir(self):
+        return shared_data_dir()
+
+    @pytest.fixture
+    def task_data(self, task, data_dir, request):
+        if task.name in HEAVY_TASKS:
+            pytest.skip(f"{task.name}: data and training are checked by TestHeavyTasks (slow)")
+        return self.load_task_data(task, data_dir, request)
+
+
+@pytest.mark.slow
+class TestHeavyTasks(TaskContract):
+    @pytest.fixture(params=HEAVY_TASKS or [pytest.param(None, marks=pytest.mark.skip(reason="none registered"))])
+    def task(self, request):
+        return REGISTRY.tasks[request.param].obj()
+
+    @pytest.fixture
+    def data_dir(self):
+        return shared_data_dir()
