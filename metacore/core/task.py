@@ -104,7 +104,8 @@ class Task:
         """Option defaults, then the preset's values, then the user's (validated)."""
         options = OptionSet(f"task {self.name}", self.option_specs())
         values = options.resolve(dict(preset.options))
-        values.update(options.resolve(dict(given)) if given else {})
+        if given:  # only the keys the user gave; the rest keep the preset's values
+            values.update({k: v for k, v in options.resolve(dict(given)).items() if k in given})
         return {k: values[k] for k in values}
 
     # --- building -----------------------------------------------------------------------------------------------
