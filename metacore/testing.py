@@ -189,10 +189,11 @@ def task_context(task: Task, preset: str = "smoke", seed: int = 0, data_dir: Any
 def run_controller(controller: Controller, task: Task | None = None, *, steps: int | None = None, seed: int = 0,
                    hparams: Mapping[str, Any] | None = None, data: TaskData | None = None, data_dir: Any = None,
                    tracker: Any = None, log_interval: int | None = None, eval_interval: int | None = None,
-                   stop_after: int | None = None):
+                   stop_after: int | None = None, threads: int | None = 1):
     """Train ``task`` (default :class:`TinyTask`) at its smoke preset with ``controller`` on the CPU.
 
-    A tiny task trains on one torch thread (restored afterwards).
+    It trains on ``threads`` torch threads (restored afterwards; ``None``: torch's default): a small model gains
+    little from threads and loses much when test processes share the cores.
 
     Returns ``(trainer, result)``; metrics go to ``tracker`` (an in-memory one by default: ``trainer.tracker``).
     With ``stop_after`` the run stops after that many of its ``steps`` and ``result`` is None (the run is not over).
@@ -207,7 +208,7 @@ def run_controller(controller: Controller, task: Task | None = None, *, steps: i
     budget = steps or ctx.preset.steps
     config = TrainerConfig(budget=budget, log_interval=log_interval or ctx.preset.log_interval,
                            eval_interval=eval_interval or ctx.preset.eval_interval)
-    with _threads(1 if isinstance(task, TinyTask) else None):
+    with _threads(threads):
         trainer = Trainer(task, controller, ctx, ctx.hparams, config, data=data, tracker=tracker, run_id=run_id)
         if stop_after is not None:
             trainer.advance(stop_after)

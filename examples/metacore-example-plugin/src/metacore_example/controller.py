@@ -6,7 +6,8 @@ and keeps plain values in its state, so checkpoints and resumed runs reproduce i
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from metacore import Controller, OptionSpec, TrainingState
 

@@ -1,0 +1,144 @@
+"""Third-party plugins: the documentation covers every hook and its example works; an installed package is found
+through its entry point, listed with its distribution and run; broken or clashing packages are reported."""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from metacore.core import hookspecs
+from metacore.testing import make_registry, run_controller
+
+DOCS = REPO / "docs" / "plugins.md"
+EXAMPLE = REPO / "examples" / "metacore-example-plugin"
+EXAMPLE_DIST = "metacore-example-plugin"
+
+
+def hook_specs() -> dict[str, inspect.Signature]:
+    return {name: inspect.signature(obj) for name, obj in vars(hookspecs).items()
+            if callable(obj) and hasattr(obj, f"{hookspecs.PROJECT}_spec")}
+
+
+def test_every_hook_is_documented_with_its_signature():
+    specs = hook_specs()
+    assert {"metacore_register_tasks", "metacore_register_controllers"} <= set(specs)
+    text = DOCS.read_text()
+    for name, sig in specs.items():
+        call = f"{name}({', '.join(sig.parameters)})"
+        assert f"### `{call}`" in text, f"docs/plugins.md lacks a section for the hook {call}"
+
+
+def _doc_example() -> str:
+    text = DOCS.read_text()
+    match = re.search(r"<!-- complete-plugin.*?-->\s*```python\n(.*?)```", text, re.S)
+    assert match, "docs/plugins.md lost its complete-plugin example"
+    return match.group(1)
+
+
+def test_the_documented_plugin_registers_and_trains(tmp_path, monkeypatch):
+    source = _doc_example()
+    assert len(source.strip().splitlines()) <= 60
+    path = tmp_path / "my_plugin.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("my_plugin", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    registry = make_registry(module)
+    assert set(registry.tasks) == {"iris"} and set(registry.controllers) == {"step-decay"}
+    controller = registry.controllers["step-decay"].obj(every=10, gamma=0.5)
+    trainer, result = run_controller(controller, registry.tasks["iris"].obj(), steps=30)
+    assert not result.diverged and result.steps == 30
+    assert result.hparams_final["lr"] == pytest.approx(0.5 * 0.5**2)  # decayed at steps 10 and 20
+    assert result.final["val/accuracy"] > 0.7
+
+
+# ---------------------------------------------------------------------------------------------------- installed
+@pytest.fixture(scope="module")
+def example_site(tmp_path_factory) -> Path:
+    """The example package installed with pip (no dependencies) into a target folder, built from a copy."""
+    root = tmp_path_factory.mktemp("example")
+    src = root / "src"
+    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    site = root / "site"
+    res = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                          "--target", str(site), str(src)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (site / "metacore_example").is_dir()
+    return site
+
+
+def test_installed_example_is_listed_with_its_distribution(example_site, cli):
+    res = cli("list", "--json", env={"PYTHONPATH": str(example_site)})
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    task = next(t for t in data["tasks"] if t["name"] == "breast-cancer")
+    ctrl = next(c for c in data["controllers"] if c["name"] == "plateau")
+    for item in (task, ctrl):
+        assert item["plugin"] == EXAMPLE_DIST
+        assert item["distribution"] == f"{EXAMPLE_DIST} 0.1.0"
+    assert task["presets"] == ["full", "small", "smoke"] and "lr" in task["hparams"]
+    assert set(ctrl["options"]) == {"patience", "factor", "min_delta"}
+    # without the package on the path, neither is there
+    plain = json.loads(cli("list", "--json").stdout)
+    assert "breast-cancer" not in {t["name"] for t in plain["tasks"]}
+
+
+@pytest.mark.slow
+def test_installed_example_runs(example_site, cli):
+    res = cli("run", "--task", "breast-cancer", "--controller", "plateau", "--preset", "smoke", "--steps", "40",
+              "--controller-set", "patience=1", "--json", env={"PYTHONPATH": str(example_site)})
+    assert res.returncode == 0, res.stderr[-2000:]
+    summary = json.loads(res.stdout)
+    roles = {r["role"]: r for r in summary["runs"]}
+    assert roles["controller"]["controller"] == "plateau" and roles["baseline"]["controller"] == "static"
+    assert all(r["steps"] == 40 and not r["diverged"] for r in summary["runs"])
+    assert roles["controller"]["final"]["val/accuracy"] > 0.8
+
+
+# ---------------------------------------------------------------------------------------------------- failures
+def _fake_dist(site: Path, dist: str, module: str, code: str) -> None:
+    """A minimal installed distribution: a module and a dist-info with a ``metacore`` entry point."""
+    site.mkdir(parents=True, exist_ok=True)
+    (site / f"{module}.py").write_text(textwrap.dedent(code))
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[metacore]\n{dist} = {module}\n")
+
+
+def test_a_broken_plugin_is_reported_and_skipped(tmp_path, cli):
+    site = tmp_path / "site"
+    _fake_dist(site, "broken-plugin", "broken_plugin", "raise ImportError('needs a package that is not here')\n")
+    res = cli("list", "--json", env={"PYTHONPATH": str(site)})
+    assert res.returncode == 0, res.stderr
+    assert "broken-plugin" in res.stderr and "needs a package that is not here" in res.stderr
+    assert "digits" in {t["name"] for t in json.loads(res.stdout)["tasks"]}
+
+
+def test_a_clashing_name_names_both_plugins(tmp_path, cli):
+    site = tmp_path / "site"
+    _fake_dist(site, "clash-plugin", "clash_plugin", """
+        from metacore import hookimpl
+        from metacore.plugins.digits import DigitsTask
+
+        class Again(DigitsTask):
+            pass
+
+        @hookimpl
+        def metacore_register_tasks(register):
+            register(Again)
+    """)
+    res = cli("list", env={"PYTHONPATH": str(site)})
+    assert res.returncode == 2
+    assert "digits" in res.stderr and "clash-plugin" in res.stderr and "metacore.plugins.digits" in res.stderr
+    assert "Traceback" not in res.stderr
