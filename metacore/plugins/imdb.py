@@ -248,7 +248,7 @@ def _vocab_identity(tokenizer, name: str) -> str:
     import hashlib
 
     vocab = sorted(tokenizer.get_vocab().items())
-    return f"{type(tokenizer).__name__}:{hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]}"
+    return f"{name}:{hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]}"
 
 
 def load_encoder(path: str, name: str, layers: int = 0):
