@@ -57,9 +57,10 @@ class LrProbe(TrainerCallback):
 
 def train(tmp_path, callbacks, optim="sgd", max_grad_norm=1.0, **extra):
     probe = LrProbe()
+    extra.setdefault("report_to", "none")
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=STEPS,
                              learning_rate=LR0, warmup_steps=WARMUP, lr_scheduler_type="linear", logging_steps=3,
-                             report_to="none", use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True,
+                             use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True,
                              optim=optim, max_grad_norm=max_grad_norm, dataloader_num_workers=0, **extra)
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=Tokens(N, 0), callbacks=[*callbacks, probe])
     trainer.train()
@@ -191,3 +192,21 @@ def test_bad_arguments_are_clear():
         optimizer_hparam_space(opt, {"beta1": (0.1, 0.9)})
     space = optimizer_hparam_space(opt, {"lr": (1e-4, 1.0)})
     assert (space["lr"].low, space["lr"].high, space["lr"].default) == (1e-4, 1.0, 0.1)
+
+
+@pytest.mark.slow
+def test_trajectory_reaches_mlflow_when_it_is_the_reporter(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "hf-callback")
+    _, used = train(tmp_path, [MetacoreCallback(StepLr)], report_to=["mlflow"], run_name="step-lr")
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("hf-callback")
+    (run,) = client.search_runs([exp.experiment_id])
+    trajectory = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "hparam/lr")}
+    reported = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "learning_rate")}
+    assert sorted(trajectory) == list(range(3, STEPS + 1, 3))
+    for step, value in trajectory.items():
+        assert value == pytest.approx(used[step - 1]) and reported[step] == pytest.approx(used[step - 1])

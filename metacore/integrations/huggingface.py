@@ -106,6 +106,11 @@ class MetacoreCallback(TrainerCallback):
                  bounds: Mapping[str, tuple[float, float]] | None = None, space: HParamSpace | None = None,
                  metric: str = "loss", direction: str = "min", val_data: Iterable[Mapping[str, Any]] | None = None,
                  registry: Any = None, **options: Any) -> None:
+        if not hasattr(TrainerCallback, "on_pre_optimizer_step"):
+            import transformers
+
+            raise UsageError(f"MetacoreCallback needs a transformers whose TrainerCallback has on_pre_optimizer_step "
+                             f"(this one is {transformers.__version__}); upgrade transformers")
         if schedule not in SCHEDULE_MODES:
             raise UsageError(f"schedule must be one of {', '.join(SCHEDULE_MODES)}, got {schedule!r}")
         if direction not in ("min", "max"):
