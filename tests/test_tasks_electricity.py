@@ -22,7 +22,8 @@ def readings(steps: int = 4 * 24 * 12, clients: int = 3, seed: int = 0) -> pd.Da
     rng = np.random.RandomState(seed)
     index = pd.date_range("2012-01-01 00:15:00", periods=steps, freq="15min")
     t = np.arange(steps)[:, None]
-    values = 10 + 5 * np.sin(2 * np.pi * t / 96 + np.arange(clients)) + rng.rand(steps, clients) * (1 + np.arange(clients))
+    noise = rng.rand(steps, clients) * (1 + np.arange(clients))
+    values = 10 + 5 * np.sin(2 * np.pi * t / 96 + np.arange(clients)) + noise
     return pd.DataFrame(np.round(values, 6), index=index, columns=[f"MT_{i + 1:03d}" for i in range(clients)])
 
 
