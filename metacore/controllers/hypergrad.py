@@ -1,0 +1,497 @@
+"""``hypergrad``: online hypergradient descent on the learning rate, momentum and weight decay, for any optimizer.
+
+Baydin et al., "Online Learning Rate Adaptation with Hypergradient Descent" (ICLR 2018): after each backward pass the
+derivative of the loss with respect to the hyperparameters of the *previous* optimizer step is one dot product away,
+``∂f(θ_t)/∂α = -∇f(θ_t)·u_{s}``, and the rate moves against it. The derivations for the learning rate, momentum and
+weight decay, and both update rules, are in :mod:`metacore.controllers.hypergrad_math`.
+
+How it stays generic and cheap (a :class:`~metacore.core.controller.GradientObserver`):
+
+* The previous update direction is never recomputed per optimizer: the controller keeps a copy of the parameters
+  before each step (the one extra parameter-sized buffer) and the next step's hypergradient uses the change the
+  optimizer actually made, ``D = θ_s - θ_t = α u``. Momentum adaptation keeps one more copy (the optimizer's
+  momentum buffer or Adam's first moment before the step); nothing else is stored.
+* All work is fused ``torch._foreach_*`` passes plus a dot product per tensor, on the parameters' device. The learning
+  rate is a 0-dim tensor throughout; it is handed to the optimizer as a tensor on CUDA where the optimizer takes one
+  without a host read-back (``Adam``/``AdamW`` with ``capturable=True`` or ``fused=True``), else as a float (on a CPU a
+  float costs nothing). Diagnostics are tensors, read back only at logging intervals.
+* ``signal=val``: every ``val_every`` steps the gradient of a validation batch replaces the training gradient and the
+  direction is the whole change since the previous check, ``(θ_{t-K} - θ_t)/α`` (the first-order derivative of the
+  validation loss with respect to a rate held constant over those K steps), so the rate follows held-out performance.
+  Between checks the controller does nothing at all. This variant adapts the learning rate only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from metacore.controllers import hypergrad_math as hm
+from metacore.core.controller import Controller, StepContext
+from metacore.core.errors import ControllerError, UsageError
+from metacore.core.hookspecs import hookimpl
+from metacore.core.hparams import HParamSpace
+from metacore.core.options import OptionSpec
+from metacore.core.state import TrainingState
+
+ROLES = ("lr", "momentum", "weight_decay")
+SPACE_KIND = {"lr": "log", "momentum": "logit", "weight_decay": "logshift"}
+# Default step sizes β. Multiplicative: the largest change per step in the hyperparameter's own space (log / logit).
+# Additive (Baydin's rule, in the hyperparameter's own units): the paper's SGD value and a scaled-down Adam value.
+DEFAULT_BETA = {
+    "multiplicative": {"lr": 0.05, "momentum": 0.02, "weight_decay": 0.05},
+    "additive": {"sgd": {"lr": 1e-3, "momentum": 1e-3, "weight_decay": 1e-3},
+                 "adam": {"lr": 1e-7, "momentum": 1e-4, "weight_decay": 1e-6},
+                 "other": {"lr": 1e-3, "momentum": 1e-3, "weight_decay": 1e-3}},
+}
+DEFAULT_RULE = {"sgd": "multiplicative", "adam": "multiplicative", "other": "multiplicative"}
+
+
+class HypergradController(Controller):
+    """Online hypergradient descent (Baydin et al. 2018) on lr, momentum and weight decay."""
+
+    name = "hypergrad"
+    description = "online hypergradient descent on lr (and momentum, weight decay), any torch optimizer"
+    options = {
+        "adapt": OptionSpec("adapt", "lr", str, "what to adapt: comma-separated lr, momentum, weight_decay, or all"),
+        "rule": OptionSpec("rule", "auto", str, "multiplicative (normalised, scale-free), additive (Baydin's), "
+                           "or auto (the optimizer family's default)",
+                           choices=("auto", "multiplicative", "additive")),
+        "hyper_lr": OptionSpec("hyper_lr", -1.0, float, "step size β of the learning rate (-1: the rule's default)",
+                               -1.0, None),
+        "hyper_momentum": OptionSpec("hyper_momentum", -1.0, float, "β of momentum / Adam's beta1 (-1: default)",
+                                     -1.0, None),
+        "hyper_wd": OptionSpec("hyper_wd", -1.0, float, "β of weight decay (-1: default)", -1.0, None),
+        "max_step": OptionSpec("max_step", 0.5, float, "largest change per step in the hyperparameter's space "
+                               "(log or logit units); bounds the additive rule", 0.0, 10.0),
+        "max_update": OptionSpec("max_update", 0.1, float, "trust bound: the learning rate is cut so that one step "
+                                 "moves the weights by at most this fraction of their norm (0: off)", 0.0, None),
+        "signal": OptionSpec("signal", "train", str, "train: every step, the training gradient; val: every "
+                             "val_every steps, a validation batch's gradient", choices=("train", "val")),
+        "val_every": OptionSpec("val_every", 10, int, "steps between validation-gradient updates (signal=val)",
+                                1, None),
+        "tensor_lr": OptionSpec("tensor_lr", "auto", str, "hand the optimizer a device tensor as lr (no host "
+                                "sync): auto (CUDA and an optimizer that takes it without a read-back), on, off",
+                                choices=("auto", "on", "off")),
+    }
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        roles = [r.strip() for r in self.config["adapt"].split(",") if r.strip()]
+        if roles == ["all"]:
+            roles = list(ROLES)
+        bad = [r for r in roles if r not in ROLES]
+        if bad or not roles:
+            raise UsageError(f"option adapt for controller hypergrad: unknown {bad[0] if bad else 'empty'} value "
+                             f"(known: {', '.join(ROLES)}, all)")
+        if self.config["signal"] == "val" and roles != ["lr"]:
+            raise UsageError("controller hypergrad: signal=val adapts the learning rate only (use adapt=lr)")
+        self.roles = roles
+        self._clear()
+
+    # ------------------------------------------------------------------------------------------------ lifecycle
+    def _clear(self) -> None:
+        self.names: dict[str, str] = {}  # role -> the task's hyperparameter name
+        self.values: dict[str, Any] = {}  # role -> 0-dim tensor (after binding) or float
+        self.family = ""
+        self._bound = False
+        self._params: list[list[Any]] = []  # per optimizer group
+        self._prev: list[list[Any]] = []  # θ before the last step (then D, transiently)
+        self._mom: list[list[Any]] | None = None  # momentum buffer / first moment before the last step
+        self._had_buf = False  # SGD: the last step had a momentum buffer already
+        self._have_prev = False
+        self._count = 0  # observed steps
+        self._pending: dict[str, Any] = {}
+        self._diag: dict[str, Any] = {}
+        self._loaded: Mapping[str, Any] | None = None
+        self._tensor_lr = False
+        self._device = None
+
+    def reset(self, hparams: Mapping[str, float], seed: int, space: HParamSpace, budget: int) -> None:
+        super().reset(hparams, seed, space, budget)
+        self._clear()
+        found = _role_names(space)
+        if "lr" not in found:
+            raise ControllerError(f"controller hypergrad needs an optimizer learning rate in {space.owner}'s "
+                                  "hyperparameters (a spec writing the param-group key 'lr')")
+        for role in self.roles:
+            if role not in found:
+                continue  # the task does not expose it; nothing to adapt
+            if role == "momentum" and not hparams.get(found[role]):
+                continue  # momentum 0 is a choice (logit space cannot leave 0), and SGD keeps no buffer then
+            self.names[role] = found[role]
+        self.values = {role: float(hparams[name]) for role, name in self.names.items()}
+
+    def act(self, state: TrainingState) -> dict[str, Any]:
+        changes, self._pending = self._pending, {}
+        return changes
+
+    def on_rollback(self, hparams: Mapping[str, float]) -> None:
+        """The trainer restored a snapshot and halved the rate: take its values and skip one hypergradient."""
+        for role, name in self.names.items():
+            if name in hparams:
+                self.values[role] = self._as_value(role, float(hparams[name]))
+        self._have_prev = False
+        self._pending = {}
+        self._diag["rollbacks_seen"] = self._diag.get("rollbacks_seen", 0) + 1
+
+    def diagnostics(self) -> dict[str, Any]:
+        return dict(self._diag)
+
+    # ------------------------------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "values": {role: self._to_plain(v) for role, v in self.values.items()},
+            "have_prev": self._have_prev, "had_buf": self._had_buf, "count": self._count,
+            "prev": [t for group in self._prev for t in group],
+            "mom": [t for group in self._mom for t in group] if self._mom is not None else [],
+            "diag": {k: self._to_plain(v) for k, v in self._diag.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for role, value in state.get("values", {}).items():
+            if role in self.names:
+                self.values[role] = self._as_value(role, float(value))
+        self._have_prev = bool(state.get("have_prev", False))
+        self._had_buf = bool(state.get("had_buf", False))
+        self._count = int(state.get("count", 0))
+        self._diag = dict(state.get("diag", {}))
+        self._pending = {}
+        if self._bound:
+            self._load_buffers(state)
+        else:
+            self._loaded = state  # bound at the first observed step, when the parameters are known
+
+    def _load_buffers(self, state: Mapping[str, Any]) -> None:
+        prev, mom = list(state.get("prev", [])), list(state.get("mom", []))
+        flat = [p for group in self._params for p in group]
+        if self._have_prev and len(prev) != len(flat):
+            raise ControllerError(f"hypergrad state holds {len(prev)} parameter buffers, the model has {len(flat)}")
+        if len(prev) == len(flat):
+            for dst, src in zip([t for g in self._prev for t in g], prev, strict=True):
+                dst.copy_(src)
+        if self._mom is not None and len(mom) == len(flat):
+            for dst, src in zip([t for g in self._mom for t in g], mom, strict=True):
+                dst.copy_(src)
+
+    # ------------------------------------------------------------------------------------------------ binding
+    def _bind(self, ctx: StepContext) -> None:
+        import torch
+
+        opt = ctx.optimizer
+        self.family = _family(opt)
+        self._params = [[p for p in g["params"] if p.requires_grad] for g in opt.param_groups]
+        self._device = next((p.device for g in self._params for p in g), torch.device("cpu"))
+        for role in ("momentum", "weight_decay"):
+            if role in self.names and self.family == "other":
+                raise ControllerError(f"controller hypergrad adapts {role} for torch.optim.SGD, Adam and AdamW only; "
+                                      f"{type(opt).__name__} gets the learning rate only (adapt=lr)")
+        if "momentum" in self.names and self.family == "sgd" and any(g.get("nesterov") for g in opt.param_groups):
+            raise ControllerError("controller hypergrad: momentum adaptation does not support Nesterov SGD")
+        if self.family == "adam" and any(g.get("amsgrad") for g in opt.param_groups) and (
+                "momentum" in self.names or "weight_decay" in self.names):
+            raise ControllerError("controller hypergrad: momentum/weight decay adaptation does not support amsgrad")
+        mode = self.config["tensor_lr"]
+        self._tensor_lr = mode == "on" or (mode == "auto" and self._device.type == "cuda" and _takes_tensor_lr(opt))
+        self._prev = [[torch.zeros_like(p) for p in g] for g in self._params]
+        needs_mom = "momentum" in self.names or (
+            "weight_decay" in self.names and self.family == "adam" and not _decoupled(opt.param_groups[0]))
+        self._mom = [[torch.zeros_like(p) for p in g] for g in self._params] if needs_mom else None
+        self._bound = True
+        self.values = {role: self._as_value(role, _plain(v)) for role, v in self.values.items()}
+        if self._loaded is not None:
+            self._load_buffers(self._loaded)
+            self._loaded = None
+
+    def _as_value(self, role: str, value: float) -> Any:
+        import torch
+
+        if not self._bound:
+            return value
+        dtype = torch.float64 if self._device.type == "cpu" else torch.float32
+        return torch.tensor(value, dtype=dtype, device=self._device)
+
+    def _to_plain(self, value: Any) -> Any:
+        return value.detach().clone() if hasattr(value, "detach") else value
+
+    # ------------------------------------------------------------------------------------------------ per step
+    def observe_gradients(self, ctx: StepContext) -> None:
+        import torch
+
+        self._count += 1
+        val_grads = None
+        if self.config["signal"] == "val" and self._have_prev and (self._count - 1) % self.config["val_every"] == 0:
+            _, val_grads = ctx.val_loss_and_grads()  # needs autograd: outside no_grad
+        with torch.no_grad():
+            if not self._bound:
+                self._bind(ctx)
+            if self.config["signal"] == "val":
+                self._observe_val(ctx, val_grads)
+            else:
+                self._observe_train(ctx)
+
+    def after_step(self, ctx: StepContext) -> None:
+        """Nothing: the next step reads the change the optimizer made from the parameters themselves."""
+
+    def _with_grads(self, grad_of) -> tuple[list, list, list]:
+        """Per group: parameters that have a gradient this step, their gradients, their ``prev`` buffers."""
+        params, grads, prevs = [], [], []
+        for group, prev in zip(self._params, self._prev, strict=True):
+            ps, gs, bs = [], [], []
+            for p, b in zip(group, prev, strict=True):
+                g = grad_of(p)
+                if g is not None:
+                    ps.append(p)
+                    gs.append(g)
+                    bs.append(b)
+            params.append(ps)
+            grads.append(gs)
+            prevs.append(bs)
+        return params, grads, prevs
+
+    def _observe_train(self, ctx: StepContext) -> None:
+        import torch
+
+        opt = ctx.optimizer
+        params, grads, prevs = self._with_grads(lambda p: p.grad)
+        flat_g = [g for gs in grads for g in gs]
+        if self._have_prev:
+            g_norm = hm.norm(flat_g)
+            out: dict[str, tuple[Any, Any]] = {}
+            # derivatives that need θ_s (still in prev) come first
+            if "weight_decay" in self.names:
+                out["weight_decay"] = self._wd_hypergrad(opt, params, grads, prevs, g_norm)
+            if "momentum" in self.names:
+                out["momentum"] = self._momentum_hypergrad(opt, params, grads, g_norm)
+            # learning rate: D = θ_s - θ_t, ∂f/∂α = -g·D/α
+            h_lr = torch.zeros((), device=self._device, dtype=torch.float64)
+            gd_total = torch.zeros((), device=self._device, dtype=torch.float64)
+            d_sq = torch.zeros((), device=self._device, dtype=torch.float64)
+            for group, ps, gs, bs in zip(opt.param_groups, params, grads, prevs, strict=True):
+                if not ps:
+                    continue
+                torch._foreach_sub_(bs, ps)
+                gd = hm.dot(gs, bs).double()
+                h_lr = h_lr - gd / group["lr"]
+                gd_total = gd_total + gd
+                d_sq = d_sq + hm.norm(bs).double() ** 2
+            out["lr"] = (h_lr, hm.cosine(-gd_total, g_norm.double(), d_sq.sqrt()))
+            for role in self.names:
+                self._apply_update(role, *out[role])
+            self._trust_bound(opt, d_sq.sqrt(), 1)
+        self._capture(opt, params)
+
+    def _observe_val(self, ctx: StepContext, val_grads: list | None) -> None:
+        import torch
+
+        if (self._count - 1) % self.config["val_every"] != 0:
+            return
+        opt = ctx.optimizer
+        params_all = [p for g in self._params for p in g]
+        if val_grads is not None:
+            by_id = {id(p): g for p, g in zip(ctx.params, val_grads, strict=True)}
+            params, grads, prevs = self._with_grads(lambda p: by_id.get(id(p)))
+            flat_g = [g for gs in grads for g in gs]
+            h_lr = torch.zeros((), device=self._device, dtype=torch.float64)
+            gd_total = torch.zeros_like(h_lr)
+            d_sq = torch.zeros_like(h_lr)
+            for group, ps, gs, bs in zip(opt.param_groups, params, grads, prevs, strict=True):
+                if not ps:
+                    continue
+                torch._foreach_sub_(bs, ps)
+                gd = hm.dot(gs, bs).double()
+                h_lr = h_lr - gd / group["lr"]
+                gd_total = gd_total + gd
+                d_sq = d_sq + hm.norm(bs).double() ** 2
+            self._apply_update("lr", h_lr, hm.cosine(-gd_total, hm.norm(flat_g).double(), d_sq.sqrt()))
+            self._trust_bound(opt, d_sq.sqrt(), self.config["val_every"])
+        torch._foreach_copy_([b for g in self._prev for b in g], params_all)
+        self._have_prev = True
+
+    def _capture(self, opt: Any, params: list[list[Any]]) -> None:
+        """Keep θ before this step (and the momentum state before it, when momentum is adapted)."""
+        import torch
+
+        all_params = [p for g in self._params for p in g]
+        torch._foreach_copy_([b for g in self._prev for b in g], all_params)
+        if self._mom is not None:
+            key = "momentum_buffer" if self.family == "sgd" else "exp_avg"
+            had = True
+            for group, bufs in zip(self._params, self._mom, strict=True):
+                for p, b in zip(group, bufs, strict=True):
+                    src = opt.state.get(p, {}).get(key)
+                    if src is None:
+                        b.zero_()
+                        had = False
+                    else:
+                        b.copy_(src)
+            self._had_buf = had
+        elif self.family == "sgd":
+            self._had_buf = all(opt.state.get(p, {}).get("momentum_buffer") is not None for p in all_params)
+        self._have_prev = True
+
+    # ------------------------------------------------------------------------------------------------ derivatives
+    def _momentum_hypergrad(self, opt, params, grads, g_norm):
+        import torch
+
+        h = torch.zeros((), device=self._device, dtype=torch.float64)
+        dot_sum = torch.zeros_like(h)
+        s_sq = torch.zeros_like(h)
+        for gi, (group, ps, gs) in enumerate(zip(opt.param_groups, params, grads, strict=True)):
+            if not ps:
+                continue
+            ids = {id(p) for p in ps}
+            mom_prev = [b for p, b in zip(self._params[gi], self._mom[gi], strict=True) if id(p) in ids]
+            lr = _plain(group["lr"])
+            if self.family == "sgd":
+                sens = mom_prev  # ∂θ_t/∂μ = -α buf_{s-1}
+                scale = -lr
+            else:
+                beta1, beta2 = (_plain(b) for b in group["betas"])
+                states = [opt.state[p] for p in ps]
+                k = float(states[0]["step"])
+                sens = hm.adam_beta1_sensitivity(mom_prev, [s["exp_avg"] for s in states],
+                                                 [s["exp_avg_sq"] for s in states], k, beta1, beta2,
+                                                 _plain(group["eps"]), lr)
+                scale = 1.0
+            d = hm.dot(gs, sens).double() * scale
+            h = h + d
+            dot_sum = dot_sum + d
+            s_sq = s_sq + (hm.norm(sens).double() * abs(scale)) ** 2
+        return h, hm.cosine(dot_sum, g_norm.double(), s_sq.sqrt())
+
+    def _wd_hypergrad(self, opt, params, grads, prevs, g_norm):
+        import torch
+
+        h = torch.zeros((), device=self._device, dtype=torch.float64)
+        s_sq = torch.zeros_like(h)
+        for gi, (group, ps, gs, bs) in enumerate(zip(opt.param_groups, params, grads, prevs, strict=True)):
+            if not ps:
+                continue
+            lr = _plain(group["lr"])
+            if self.family == "adam" and not _decoupled(group):
+                ids = {id(p) for p in ps}
+                mom_prev = [b for p, b in zip(self._params[gi], self._mom[gi], strict=True) if id(p) in ids]
+                states = [opt.state[p] for p in ps]
+                beta1, beta2 = (_plain(b) for b in group["betas"])
+                sens = hm.adam_l2_sensitivity(bs, mom_prev, [s["exp_avg"] for s in states],
+                                              [s["exp_avg_sq"] for s in states], float(states[0]["step"]),
+                                              beta1, beta2, _plain(group["eps"]), lr)
+                d = hm.dot(gs, sens).double()
+                n = hm.norm(sens).double()
+            else:
+                if self.family == "sgd":
+                    c = hm.sgd_wd_coefficient(_plain(group["momentum"]), _plain(group["dampening"]),
+                                              bool(group["nesterov"]), self._had_buf)
+                else:
+                    c = 1.0
+                d = hm.dot(gs, bs).double() * (-lr * c)  # ∂θ_t/∂λ = -α c θ_s
+                n = hm.norm(bs).double() * abs(lr * c)
+            h = h + d
+            s_sq = s_sq + n**2
+        return h, hm.cosine(h, g_norm.double(), s_sq.sqrt())
+
+    # ------------------------------------------------------------------------------------------------ updates
+    def _trust_bound(self, opt: Any, d_norm: Any, steps: int) -> None:
+        """Cut the rate when the last step(s) moved the weights by more than ``max_update`` of their norm.
+
+        A one-step hypergradient cannot see an instability coming (it is a curvature effect, and with momentum the
+        step keeps growing at a fixed rate): with a rate far too large the loss looks fine for a few steps, then one
+        step throws the weights away. The relative step ``‖θ_s - θ_t‖/‖θ_t‖`` does grow before that, so the rate
+        is scaled down to keep it at the bound (``α ← α · r_max / r``), never up.
+        """
+        import torch
+
+        r_max = self.config["max_update"]
+        if r_max <= 0:
+            return
+        theta_norm = hm.norm([p for g in self._params for p in g]).double()
+        ratio = torch.where(theta_norm > 0, d_norm / steps / theta_norm.clamp_min(1e-30), torch.zeros_like(d_norm))
+        self._diag["update_ratio"] = ratio
+        lr = self.values["lr"]
+        alpha_prev = torch.as_tensor(_plain_or_tensor(opt.param_groups[0]["lr"]), dtype=lr.dtype, device=lr.device)
+        cap = alpha_prev * r_max / ratio.clamp_min(1e-30).to(lr.dtype)
+        new = torch.where(ratio > r_max, torch.minimum(lr, cap), lr).clamp_min(self.space[self.names["lr"]].low)
+        self.values["lr"] = new
+        self._pending[self.names["lr"]] = new.float() if self._tensor_lr else float(new)
+
+    def _apply_update(self, role: str, h: Any, cos: Any) -> None:
+        import torch
+
+        spec = self.space[self.names[role]]
+        rule = self.config["rule"]
+        if rule == "auto":
+            rule = DEFAULT_RULE[self.family]
+        beta = self.config[{"lr": "hyper_lr", "momentum": "hyper_momentum", "weight_decay": "hyper_wd"}[role]]
+        if beta < 0:
+            beta = DEFAULT_BETA["multiplicative"][role] if rule == "multiplicative" else \
+                DEFAULT_BETA["additive"][self.family][role]
+        value = self.values[role]
+        low = spec.low
+        high = spec.high if role != "momentum" else min(spec.high, 1.0 - hm.LOGIT_EPS)
+        if role == "lr":
+            low = max(low, 1e-12)
+        new, finite = hm.update(value, h.to(value.dtype), cos.to(value.dtype), rule=rule, beta=beta,
+                                kind=SPACE_KIND[role], low=low, high=high, max_log_step=self.config["max_step"])
+        self.values[role] = new
+        self._diag[f"hypergradient_{role}"] = h
+        self._diag[f"cos_{role}"] = cos
+        nonfinite = self._diag.get("nonfinite", torch.zeros((), device=self._device))
+        self._diag["nonfinite"] = nonfinite + (~finite).to(nonfinite.dtype)
+        if role == "lr" and self._tensor_lr:
+            self._pending[self.names[role]] = new.float()
+        else:
+            self._pending[self.names[role]] = float(new)
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def _role_names(space: HParamSpace) -> dict[str, str]:
+    """Which of the task's hyperparameters is the learning rate, the momentum (or Adam's beta1), the weight decay."""
+    found: dict[str, str] = {}
+    for spec in space:
+        if spec.acts_on != "optimizer":
+            continue
+        if spec.key == "lr":
+            found.setdefault("lr", spec.name)
+        elif spec.key == "momentum" or (spec.key == "betas" and spec.index == 0):
+            found.setdefault("momentum", spec.name)
+        elif spec.key == "weight_decay":
+            found.setdefault("weight_decay", spec.name)
+    return found
+
+
+def _family(opt: Any) -> str:
+    import torch
+
+    if isinstance(opt, torch.optim.SGD):
+        return "sgd"
+    if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
+        return "adam"
+    return "other"
+
+
+def _decoupled(group: Mapping[str, Any]) -> bool:
+    return bool(group.get("decoupled_weight_decay", False))
+
+
+def _takes_tensor_lr(opt: Any) -> bool:
+    """torch 2.14's SGD turns a tensor lr into a Python number inside ``step()`` (``alpha=-lr``: a host sync);
+    Adam/AdamW take a device tensor without a read-back when ``capturable`` or ``fused``."""
+    return _family(opt) == "adam" and all(g.get("capturable") or g.get("fused") for g in opt.param_groups)
+
+
+def _plain_or_tensor(value: Any) -> Any:
+    return value.detach() if hasattr(value, "detach") else float(value)
+
+
+def _plain(value: Any) -> float:
+    return float(value.item()) if hasattr(value, "item") else float(value)
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
+@hookimpl
+def metacore_register_controllers(register):
+    register(HypergradController)
