@@ -63,7 +63,12 @@ def train(tmp_path, callbacks, optim="sgd", max_grad_norm=1.0, **extra):
                              use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True,
                              optim=optim, max_grad_norm=max_grad_norm, dataloader_num_workers=0, **extra)
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=Tokens(N, 0), callbacks=[*callbacks, probe])
-    trainer.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: threads only add contention when test processes share the cores
+    try:
+        trainer.train()
+    finally:
+        torch.set_num_threads(threads)
     return trainer, probe.used
 
 
