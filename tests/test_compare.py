@@ -9,7 +9,7 @@ import pytest
 
 from metacore.analysis.compare import compare
 from metacore.analysis.plots import Cell, Series, hparam_keys, log_comparison_plot, plot_cells
-from metacore.analysis.report import BEGIN, END, build_report, write_report
+from metacore.analysis.report import BEGIN, END, build_report, markers, write_report
 from metacore.analysis.runs import MemoryRunSource
 from metacore.core.tracking import MemoryTracker
 
@@ -155,6 +155,11 @@ def test_report_section_keeps_the_rest_of_the_file(tmp_path):
     assert text.startswith("# Results\n\nother section\n") and text.rstrip().endswith("kept")
     write_report(tmp_path / "fresh.md", "body\n")
     assert (tmp_path / "fresh.md").read_text() == f"{BEGIN}\nbody\n{END}\n"
+    write_report(path, "digits part\n", section="digits")  # a named section is appended, then replaced in place
+    write_report(path, "digits again\n", section="digits")
+    text = path.read_text()
+    assert "new table" in text and "digits part" not in text and text.count("digits again") == 1
+    assert text.rstrip().endswith(markers("digits")[1]) and text.index("kept") < text.index("digits again")
 
 
 def test_runner_logs_the_comparison_plot_on_the_parent():

@@ -153,7 +153,7 @@ def _run_unit(unit: Unit, bench_id: str, threads: int | None) -> dict[str, Any]:
 
 
 def run_bench(req: BenchRequest, units: list[Unit], *, command: str | None = None, report: str | Path | None = None,
-              plot_dir: str | Path | None = None, quiet: bool = False) -> dict[str, Any]:
+              plot_dir: str | Path | None = None, quiet: bool = False, section: str | None = None) -> dict[str, Any]:
     """Run the units (a process pool when ``workers > 1``), then compare and write the report."""
     from metacore import __version__
     from metacore.analysis.compare import compare
@@ -230,7 +230,8 @@ def run_bench(req: BenchRequest, units: list[Unit], *, command: str | None = Non
                 "bench wall time": f"{wall:.0f} s", "MLflow": f"experiment `{experiment}`, bench parent run "
                 f"`{bench_id}`", "runs": f"{len(runs)} finished, {len(failures)} unit(s) failed"}
         path, plots = build_report(source, logged, result, report_path, plot_dir, heading=_heading(req),
-                                   command=command, meta=meta)
+                                   command=command, meta=meta, prefix=f"bench-{section}" if section else "bench",
+                                   section=section)
         out["report"] = str(path)
         out["plots"] = [str(p) for p in plots]
         tracker.log_dict(bench_id, {k: v for k, v in out.items() if k != "rows"}, "summary.json")

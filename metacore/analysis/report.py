@@ -1,8 +1,9 @@
 """The markdown report of a comparison: a table per task and a plot per task (one column per condition).
 
 A report can be written as a file of its own or into a section of an existing markdown file, between the markers
-``<!-- metacore-bench:begin -->`` and ``<!-- metacore-bench:end -->``; the rest of that file is left as it was, so
-``docs/results.md`` can hold other sections beside the regenerated one.
+``<!-- metacore-bench:begin -->`` and ``<!-- metacore-bench:end -->`` (``<!-- metacore-bench:begin NAME -->`` for a
+named section, so one file can hold several); the rest of that file is left as it was, so ``docs/results.md`` can
+hold other sections beside the regenerated ones. A file without the markers gets the section appended.
 """
 
 from __future__ import annotations
@@ -84,25 +85,37 @@ def report_markdown(result: dict[str, Any], plots: dict[str, str], *, heading: s
     return "\n".join(out).rstrip() + "\n"
 
 
-def write_report(path: str | Path, body: str) -> Path:
-    """Write ``body`` to ``path``, or between the bench markers where ``path`` already has them."""
+def markers(section: str | None = None) -> tuple[str, str]:
+    """The begin/end markers of a report section (``section`` names one of several in a file)."""
+    if not section:
+        return BEGIN, END
+    return BEGIN.replace(" -->", f" {section} -->"), END.replace(" -->", f" {section} -->")
+
+
+def write_report(path: str | Path, body: str, section: str | None = None) -> Path:
+    """Write ``body`` between the section's markers where ``path`` already has them (keeping the rest of the file),
+    else append it as a new marked section to an existing file, or write a new file."""
     path = Path(path)
-    section = f"{BEGIN}\n{body}{END}\n"
+    begin, end = markers(section)
+    block = f"{begin}\n{body}{end}\n"
     if path.is_file():
         text = path.read_text()
-        if BEGIN in text and END in text:
-            before, rest = text.split(BEGIN, 1)
-            after = rest.split(END, 1)[1].lstrip("\n")
-            path.write_text(before + section + ("\n" + after if after else ""))
-            return path
+        if begin in text and end in text.split(begin, 1)[1]:
+            before, rest = text.split(begin, 1)
+            after = rest.split(end, 1)[1].lstrip("\n")
+            path.write_text(before + block + ("\n" + after if after else ""))
+        else:
+            path.write_text(text.rstrip("\n") + "\n\n" + block)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(section)
+    path.write_text(block)
     return path
 
 
 def build_report(source: RunSource, runs: list[RunRecord], result: dict[str, Any], report_path: str | Path,
                  plot_dir: str | Path | None = None, *, heading: str = "metacore bench", command: str | None = None,
-                 meta: dict[str, Any] | None = None, prefix: str = "bench") -> tuple[Path, list[Path]]:
+                 meta: dict[str, Any] | None = None, prefix: str = "bench",
+                 section: str | None = None) -> tuple[Path, list[Path]]:
     """Plots (one PNG per task) and the markdown report; returns the report path and the plot paths."""
     report_path = Path(report_path)
     plot_dir = Path(plot_dir) if plot_dir else report_path.parent / "img"
@@ -117,4 +130,4 @@ def build_report(source: RunSource, runs: list[RunRecord], result: dict[str, Any
         paths.append(png)
         plots[task] = Path(os.path.relpath(png.resolve(), report_path.parent.resolve())).as_posix()
     body = report_markdown(result, plots, heading=heading, command=command, meta=meta)
-    return write_report(report_path, body), paths
+    return write_report(report_path, body, section), paths

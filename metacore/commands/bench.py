@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from typing import Any
@@ -32,6 +33,8 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     b.add_argument("--report", metavar="PATH", help="markdown report (default mlflow_runs/reports/bench-<id>/"
                    "report.md); an existing file with the bench markers keeps everything outside them")
+    b.add_argument("--section", metavar="NAME", help="write between the markers of this named section of --report "
+                   "(several benches in one file); also prefixes the plot names")
     b.add_argument("--plot-dir", metavar="DIR", help="where the report's PNGs go (default: img/ beside the report)")
     b.add_argument("--data-dir", help="local data root (also METACORE_DATA_DIR)")
     b.add_argument("--tracking-uri", help="MLflow store (default sqlite:///mlflow_runs/mlflow.db; "
@@ -48,9 +51,12 @@ def _names(text: str) -> list[str]:
 def main(args: argparse.Namespace) -> int:
     from metacore.analysis.bench import BenchRequest, parse_grid, plan_bench, run_bench
     from metacore.commands.common import report_failures
+    from metacore.core.errors import UsageError
     from metacore.core.options import parse_assignments
     from metacore.core.registry import load_registry
 
+    if args.section and not re.fullmatch(r"[A-Za-z0-9_-]+", args.section):
+        raise UsageError(f"--section takes letters, digits, '-' and '_', got {args.section!r}")
     registry = load_registry()
     report_failures(registry.failures)
     req = BenchRequest(
@@ -61,7 +67,8 @@ def main(args: argparse.Namespace) -> int:
         experiment=args.experiment, device=args.device, workers=args.workers)
     units = plan_bench(req, registry)
     command = "metacore " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == [NAME] else None
-    out = run_bench(req, units, command=command, report=args.report, plot_dir=args.plot_dir, quiet=args.json)
+    out = run_bench(req, units, command=command, report=args.report, plot_dir=args.plot_dir, quiet=args.json,
+                    section=args.section)
     if args.json:
         print(json.dumps(out))
     else:
