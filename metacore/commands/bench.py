@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
         from metacore.commands.compare import print_table
 
         print_table({"experiment": out["experiment"], "split": "test", "rows": out.get("rows", []),
-                     "primary_metric": ",".join(sorted({r["metric"] for r in out.get("rows", [])}))})
+                     "primary_metric": ",".join(sorted({r["metric"].split("/", 1)[-1] for r in out.get("rows", [])}))})
         print(f"report: {out.get('report')}")
         print(f"MLflow: experiment {out['experiment']}, bench parent run {out['parent_run_id']}")
     for f in out["failures"]:
