@@ -13,7 +13,7 @@ import torch  # noqa: E402
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from metacore import Controller  # noqa: E402
-from metacore.core.errors import UsageError  # noqa: E402
+from metacore.core.errors import ControllerError, UsageError  # noqa: E402
 from metacore.integrations.huggingface import MetacoreCallback, optimizer_hparam_space  # noqa: E402
 
 VOCAB, SEQ, N = 64, 8, 96
@@ -183,6 +183,36 @@ def test_hypergrad_drives_a_tiny_bert(tmp_path):
     assert all(math.isfinite(p.detach().abs().max().item()) for p in trainer.model.parameters())
     assert [e["learning_rate"] for e in trainer.state.log_history if "loss" in e] == pytest.approx(
         [used[e["step"] - 1] for e in trainer.state.log_history if "loss" in e])
+
+
+class ValPeek(Controller):
+    """Asks for validation gradients every step; checks they leave the training gradients alone."""
+
+    name = "test-val-peek"
+
+    def reset(self, hparams, seed, space, budget):
+        super().reset(hparams, seed, space, budget)
+        self.losses = []
+
+    def observe_gradients(self, ctx):
+        before = [g.clone() for g in ctx.grads]
+        loss, grads = ctx.val_loss_and_grads()
+        assert len(grads) == len(ctx.params) and all(g.shape == p.shape for g, p in zip(grads, ctx.params, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(before, ctx.grads, strict=True))
+        self.losses.append(float(loss))
+
+    def after_step(self, ctx):
+        pass
+
+
+def test_validation_gradients_come_from_val_data(tmp_path):
+    val = torch.utils.data.DataLoader(Tokens(32, 1), batch_size=8)
+    cb = MetacoreCallback(ValPeek, val_data=val)
+    train(tmp_path / "a", [cb])
+    assert len(cb.controller.losses) == STEPS and all(math.isfinite(v) for v in cb.controller.losses)
+    assert len(set(cb.controller.losses)) > 1  # batches cycle and the model moves
+    with pytest.raises(ControllerError, match="val_data"):
+        train(tmp_path / "b", [MetacoreCallback(ValPeek)])
 
 
 def test_bad_arguments_are_clear():
