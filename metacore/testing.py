@@ -47,7 +47,7 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------------- plugin managers
-def class_plugin(*classes: type, name: str = "metacore.testing.classes") -> Any:
+def class_plugin(*classes: type, name: str = "test-classes") -> Any:
     """A plugin object that registers the given Task and Controller classes (no module or entry point needed)."""
     tasks = [c for c in classes if isinstance(c, type) and issubclass(c, Task)]
     controllers = [c for c in classes if isinstance(c, type) and issubclass(c, Controller)]
@@ -334,8 +334,9 @@ class ControllerContract:
             assert math.isfinite(value) and spec.low <= value <= spec.high, (name, value)
         for key, value in controller.diagnostics().items():
             assert isinstance(key, str) and math.isfinite(_as_float(value)), (key, value)
-        history = trainer.tracker.history(trainer.run_id, "hparam/lr")
-        assert history and all(space["lr"].low <= v <= space["lr"].high for _, v in history)
+        for spec in space:
+            history = trainer.tracker.history(trainer.run_id, f"hparam/{spec.name}")
+            assert history and all(spec.low <= v <= spec.high for _, v in history), f"hparam/{spec.name} left bounds"
 
     def test_same_seed_same_trajectory(self, make_controller, contract_task):
         _, a = run_controller(make_controller(), contract_task, steps=12, seed=3)

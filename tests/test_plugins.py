@@ -152,3 +152,58 @@ def test_a_clashing_name_names_both_plugins(tmp_path, cli):
     assert res.returncode == 2
     assert "digits" in res.stderr and "clash-plugin" in res.stderr and "metacore.plugins.digits" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+# ------------------------------------------------------------------------------------------------ the contracts bite
+def _contract_failures():
+    """Controllers that each break one contract, and the contract test that must catch it."""
+    from metacore import Controller
+
+    class UnknownName(Controller):
+        name = "bad-unknown-name"
+
+        def act(self, state):
+            return {"no_such_hparam": 1.0}
+
+    class UnpicklableState(Controller):
+        name = "bad-state"
+
+        def state_dict(self):
+            return {"fn": len}
+
+    class ForgetsItsCounter(Controller):
+        name = "bad-forgets"
+
+        def reset(self, hparams, seed, space, budget):
+            super().reset(hparams, seed, space, budget)
+            self.calls = 0
+
+        def act(self, state):
+            self.calls += 1
+            return {"lr": self.initial["lr"] * 0.99**self.calls}
+
+    class TouchesGradients(Controller):
+        name = "bad-grads"
+
+        def observe_gradients(self, ctx):
+            for g in ctx.grads:
+                g.mul_(0.5)
+
+        def after_step(self, ctx):
+            pass
+
+    return [(UnknownName, "test_trains_within_bounds"),
+            (UnpicklableState, "test_state_dict_is_plain_and_loads_weights_only"),
+            (ForgetsItsCounter, "test_state_dict_round_trip_reproduces_the_next_action"),
+            (TouchesGradients, "test_state_dict_round_trip_reproduces_the_next_action")]
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_contracts_catch_a_broken_controller(index):
+    from metacore.core.errors import MetacoreError
+    from metacore.testing import ControllerContract, TinyTask
+
+    cls, test_name = _contract_failures()[index]
+    contract = ControllerContract()
+    with pytest.raises((AssertionError, MetacoreError)):
+        getattr(contract, test_name)(make_controller=cls, contract_task=TinyTask())
