@@ -68,7 +68,7 @@ class Cifar10Task(Task):
                             options={"width": 16, "train_size": 10000, "val_size": 1000, "test_size": 10000},
                             description="ResNet-18 narrowed to width 16, one balanced 10k training file, "
                                         "1k val, full 10k test, ~4 epochs"),
-            "smoke": Preset("smoke", steps=20, eval_interval=10, log_interval=5,
+            "smoke": Preset("smoke", steps=10, eval_interval=5, log_interval=5,
                             options={"width": 4, "train_size": 256, "val_size": 128, "test_size": 128},
                             description="width 4, 256 train / 128 val / 128 test images; seconds, for tests"),
         }

@@ -75,7 +75,7 @@ class ElectricityTask(Task):
             "small": Preset("small", steps=400, eval_interval=50, log_interval=10, checkpoint_interval=200,
                             options={"clients": 16, "hidden": 64, "window": 168, "horizon": 24},
                             description="first 16 clients, hourly, 168h -> 24h, LSTM 64, 400 steps"),
-            "smoke": Preset("smoke", steps=20, eval_interval=10, log_interval=5,
+            "smoke": Preset("smoke", steps=10, eval_interval=5, log_interval=5,
                             options={"clients": 2, "hidden": 8, "window": 24, "horizon": 6, "max_windows": 256},
                             description="2 clients, 24h -> 6h, LSTM 8, at most 256 windows per split; seconds"),
         }

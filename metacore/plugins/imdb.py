@@ -77,7 +77,7 @@ class ImdbTask(Task):
                                      "train_size": 4000, "val_size": 500, "test_size": 2000},
                             description="bundled all-MiniLM-L6-v2 (6 layers, hidden 384), 4k train / 500 val / "
                                         "2k test reviews, 200 steps, 20 warmup"),
-            "smoke": Preset("smoke", steps=10, eval_interval=5, log_interval=5,
+            "smoke": Preset("smoke", steps=6, eval_interval=3, log_interval=3,
                             options={"model": BUNDLED, "layers": 1, "max_length": 32, "warmup_steps": 2,
                                      "train_size": 64, "val_size": 32, "test_size": 32},
                             description="first layer of MiniLM, 32 tokens, 64/32/32 reviews; seconds, for tests"),
