@@ -339,12 +339,20 @@ def _digits_trainer(controller, steps, hparams=None, memory_tracker=None):
 
 def test_rollback_reaches_the_controller():
     ctrl = HypergradController()
-    trainer = _digits_trainer(ctrl, 30, {"lr": 50.0, "momentum": 0.99})  # diverges at once
-    trainer.run()
-    assert trainer.rollbacks >= 1
-    assert ctrl.diagnostics().get("rollbacks_seen", 0) >= 1
-    lr = trainer.hparams["lr"]
-    assert math.isfinite(float(lr)) and 0 < float(lr) < 50.0
+    trainer = _digits_trainer(ctrl, 30, {"lr": 0.01})
+    trainer.advance(7)  # a snapshot at step 5
+    lr_snapshot = trainer._snapshot.hparams["lr"]
+    with torch.no_grad():
+        next(trainer.model.parameters()).fill_(float("nan"))  # the next logged loss is NaN: rollback
+    trainer.advance(3)
+    assert trainer.rollbacks == 1 and not trainer.diverged
+    assert float(ctrl.diagnostics()["rollbacks_seen"]) == 1
+    # the controller took the trainer's halved rate and skips one hypergradient, then goes on adapting
+    assert float(ctrl.values["lr"]) == pytest.approx(float(lr_snapshot) * 0.5)
+    assert float(trainer.hparams["lr"]) == pytest.approx(float(lr_snapshot) * 0.5)
+    result = trainer.run()
+    assert not result.diverged and math.isfinite(result.hparams_final["lr"]) and result.hparams_final["lr"] > 0
+    assert result.hparams_final["lr"] != pytest.approx(float(lr_snapshot) * 0.5)
 
 
 def test_trainer_logs_diagnostics_and_moves_lr(memory_tracker):

@@ -39,7 +39,7 @@ SPACE_KIND = {"lr": "log", "momentum": "logit", "weight_decay": "logshift"}
 # Default step sizes β. Multiplicative: the largest change per step in the hyperparameter's own space (log / logit).
 # Additive (Baydin's rule, in the hyperparameter's own units): the paper's SGD value and a scaled-down Adam value.
 DEFAULT_BETA = {
-    "multiplicative": {"lr": 0.05, "momentum": 0.02, "weight_decay": 0.05},
+    "multiplicative": {"lr": 0.1, "momentum": 0.02, "weight_decay": 0.05},
     "additive": {"sgd": {"lr": 1e-3, "momentum": 1e-3, "weight_decay": 1e-3},
                  "adam": {"lr": 1e-7, "momentum": 1e-4, "weight_decay": 1e-6},
                  "other": {"lr": 1e-3, "momentum": 1e-3, "weight_decay": 1e-3}},

@@ -69,6 +69,7 @@ class Trainer:
         self.log_floor = -1  # after a resume: steps up to here are already in the store, not logged again
         self.space = task.hparam_space()
         self.hparams: dict[str, Any] = dict(hparams)
+        self._hp_cache: dict[str, float] = {}  # floats of the hyperparameters as last read back
         self.tracker, self.run_id, self.on_log = tracker, run_id, on_log
         self.step = 0
         self.epoch = 0
@@ -140,10 +141,22 @@ class Trainer:
             step=self.step, epoch=self.epoch_float, budget=self.config.budget,
             train_loss=self.train_losses[-1] if self.train_losses else math.nan,
             train_losses=tuple(self.train_losses), val_metrics=dict(self.val_metrics),
-            hparams={k: _to_float(v) for k, v in self.hparams.items()},
+            hparams=self._state_hparams(),
             primary_metric=self.task.primary_metric, direction=self.task.direction,
             val_history=tuple(self.val_history), rollbacks=self.rollbacks,
         )
+
+    def _state_hparams(self) -> dict[str, float]:
+        """Float hyperparameters for the state. A value kept as a tensor on an accelerator (a hypergradient rate) is
+        read back once, then only at logging intervals: reading it every step would be a host sync per step."""
+        out = {}
+        for k, v in self.hparams.items():
+            device = getattr(v, "device", None)
+            if device is not None and device.type != "cpu" and k in self._hp_cache:
+                out[k] = self._hp_cache[k]
+            else:
+                out[k] = self._hp_cache[k] = _to_float(v)
+        return out
 
     def advance(self, n: int) -> TrainingState:
         """Run up to ``n`` optimizer steps (fewer at the end of the budget) and return the state."""
@@ -246,7 +259,8 @@ class Trainer:
             return
         self.train_losses = (self.train_losses + [mean_loss])[-RECENT_LOSSES:]
         metrics = {"train/loss": mean_loss, "system/step_time_ms": step_ms}
-        metrics.update({f"hparam/{k}": _to_float(v) for k, v in self.hparams.items()})
+        self._hp_cache = {k: _to_float(v) for k, v in self.hparams.items()}
+        metrics.update({f"hparam/{k}": v for k, v in self._hp_cache.items()})
         metrics.update({f"controller/{k}": _to_float(v) for k, v in self.controller.diagnostics().items()})
         self._log(metrics)
         self._snapshot = self._take_snapshot()
