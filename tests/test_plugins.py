@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -60,6 +61,20 @@ def test_the_documented_plugin_registers_and_trains(tmp_path, monkeypatch):
     assert not result.diverged and result.steps == 30
     assert result.hparams_final["lr"] == pytest.approx(0.5 * 0.5**2)  # decayed at steps 10 and 20
     assert result.final["val/accuracy"] > 0.7
+
+
+@pytest.mark.slow
+def test_the_documented_plugin_tests_pass(tmp_path):
+    """The "Testing a plugin" block of docs/plugins.md, run by pytest against the documented plugin."""
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
+    (tmp_path / "my_plugin.py").write_text(_doc_example())
+    test_block = next(b for b in blocks if "ControllerContract" in b and "from my_plugin import" in b)
+    (tmp_path / "test_my_plugin.py").write_text(test_block)
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_my_plugin.py"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert re.search(r"\b1[0-9] passed", res.stdout), res.stdout[-500:]
 
 
 # ---------------------------------------------------------------------------------------------------- installed
