@@ -58,9 +58,10 @@ class LrProbe(TrainerCallback):
 def train(tmp_path, callbacks, optim="sgd", max_grad_norm=1.0, **extra):
     probe = LrProbe()
     extra.setdefault("report_to", "none")
+    extra.setdefault("save_strategy", "no")
     args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=STEPS,
                              learning_rate=LR0, warmup_steps=WARMUP, lr_scheduler_type="linear", logging_steps=3,
-                             use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True,
+                             use_cpu=True, seed=0, disable_tqdm=True,
                              optim=optim, max_grad_norm=max_grad_norm, dataloader_num_workers=0, **extra)
     trainer = Trainer(model=tiny_bert(), args=args, train_dataset=Tokens(N, 0), callbacks=[*callbacks, probe])
     threads = torch.get_num_threads()
@@ -214,6 +215,40 @@ def test_validation_gradients_come_from_val_data(tmp_path):
     assert len(set(cb.controller.losses)) > 1  # batches cycle and the model moves
     with pytest.raises(ControllerError, match="val_data"):
         train(tmp_path / "b", [MetacoreCallback(ValPeek)])
+
+
+class Decay(Controller):
+    """Stateful: lr = initial x 0.9^calls, with the call count in its state."""
+
+    name = "test-decay"
+
+    def reset(self, hparams, seed, space, budget):
+        super().reset(hparams, seed, space, budget)
+        self.calls = 0
+
+    def act(self, state):
+        self.calls += 1
+        return {"lr": self.initial["lr"] * 0.9**self.calls}
+
+    def state_dict(self):
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state):
+        self.calls = int(state["calls"])
+
+
+def test_resuming_a_trainer_checkpoint_continues_the_controller(tmp_path):
+    _, whole = train(tmp_path, [MetacoreCallback(Decay)], save_strategy="steps", save_steps=6)
+    assert whole == pytest.approx([LR0 * 0.9 ** (s + 1) for s in range(STEPS)])
+    assert (tmp_path / "out" / "checkpoint-6" / "metacore_controller.pt").is_file()
+    probe = LrProbe()
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=8, max_steps=STEPS,
+                             learning_rate=LR0, warmup_steps=WARMUP, logging_steps=3, use_cpu=True,
+                             save_strategy="no", seed=0, disable_tqdm=True, optim="sgd", report_to="none")
+    trainer = Trainer(model=tiny_bert(), args=args, train_dataset=Tokens(N, 0),
+                      callbacks=[MetacoreCallback(Decay), probe])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-6"))
+    assert probe.used == pytest.approx(whole[6:])
 
 
 def test_bad_arguments_are_clear():

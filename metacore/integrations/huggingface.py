@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from transformers import TrainerCallback
@@ -45,6 +46,7 @@ from metacore.core.hparams import HParamSpace, HParamSpec
 from metacore.core.state import TrainingState
 
 SCHEDULE_MODES = ("override", "scale")
+STATE_FILE = "metacore_controller.pt"  # saved in each Trainer checkpoint folder
 RECENT_LOSSES = 32
 
 
@@ -147,6 +149,32 @@ class MetacoreCallback(TrainerCallback):
         self.controller.reset(dict(self.hparams), int(args.seed), self.space, int(state.max_steps))
         self._params = [p for g in self._groups for p in g["params"] if p.requires_grad]
         self._started = True
+        if state.global_step > 0:  # Trainer resumed from a checkpoint: continue the controller saved with it
+            self._load(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE)
+
+    def on_save(self, args, state, control, **kwargs):
+        """Save the controller beside Trainer's checkpoint, so ``train(resume_from_checkpoint=...)`` continues it."""
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not self._started or not state.is_world_process_zero or not folder.is_dir():
+            return
+        import torch
+
+        torch.save({"controller": self.controller.state_dict(),
+                    "hparams": {k: _to_float(v) for k, v in self.hparams.items()},
+                    "train_losses": list(self.train_losses), "val_metrics": dict(self.val_metrics),
+                    "val_history": list(self.val_history)}, folder / STATE_FILE)
+
+    def _load(self, path: Path) -> None:
+        import torch
+
+        if not path.is_file():
+            return  # a checkpoint written without this callback: the controller starts afresh
+        saved = torch.load(path, weights_only=True)
+        self.controller.load_state_dict(saved["controller"])
+        self.hparams.update(self.space.sanitize(saved["hparams"], self.controller.name or "controller"))
+        self.train_losses = list(saved["train_losses"])
+        self.val_metrics = dict(saved["val_metrics"])
+        self.val_history = list(saved["val_history"])
 
     # ------------------------------------------------------------------------------------------------ each step
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
