@@ -24,6 +24,9 @@ Where each controller call happens in Trainer's step (``transformers.Trainer._in
   (``hparam/<name>``) and the controller's diagnostics (``controller/<name>``) are added to Trainer's logs (its
   ``log_history``, and the logs later callbacks see), and sent to MLflow when MLflow is a reporter of the Trainer.
 
+The controller's state is saved beside each Trainer checkpoint (``metacore_controller.pt``) and restored when Trainer
+resumes from it.
+
 Param groups keep their ratios: Trainer puts biases and norms in a group without weight decay, and a group whose
 initial value of a key is 0 while another group's is not stays at 0.
 
