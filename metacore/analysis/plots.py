@@ -118,7 +118,9 @@ def plot_cells(cells: list[Cell], path: str | Path, title: str | None = None) ->
                 ax.legend(fontsize=7, loc="best")
             if row == nrows - 1:
                 ax.set_xlabel("step", fontsize=8)
-    fig.suptitle(title or "mean over seeds; band: lowest to highest seed", fontsize=9)
+    import textwrap
+
+    fig.suptitle(textwrap.fill(title or "mean over seeds; band: lowest to highest seed", 62 * ncols), fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
