@@ -272,7 +272,12 @@ def test_trajectory_reaches_mlflow_when_it_is_the_reporter(tmp_path, monkeypatch
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "hf-callback")
-    _, used = train(tmp_path, [MetacoreCallback(StepLr)], report_to=["mlflow"], run_name="step-lr")
+    try:
+        _, used = train(tmp_path, [MetacoreCallback(StepLr)], report_to=["mlflow"], run_name="step-lr")
+    finally:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)  # Trainer's MLflowCallback set the process-wide URI; leave none behind
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("hf-callback")
     (run,) = client.search_runs([exp.experiment_id])
