@@ -35,6 +35,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--data-dir", help="local data root (also METACORE_DATA_DIR)")
     p.add_argument("--tracking-uri", help="MLflow store (default sqlite:///mlflow_runs/mlflow.db)")
     p.add_argument("--experiment", default="meta-train", help="MLflow experiment of the meta-training curves")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: the runs are small, more threads mostly contend)")
     p.add_argument("--json", action="store_true", help="print the policy spec as JSON on stdout and nothing else")
 
 
@@ -57,6 +59,11 @@ def main(args: argparse.Namespace) -> int:
         experiment=args.experiment, name=args.name, lr_spread=args.lr_spread,
         command="metacore " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "")
     validate(req)
+    if args.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {args.threads}")
+    import torch
+
+    torch.set_num_threads(args.threads)
     spec = meta_train(req, progress=not args.json)
     if args.json:
         print(json.dumps(spec))

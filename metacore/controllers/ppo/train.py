@@ -145,8 +145,7 @@ def meta_train(req: MetaTrainRequest, tracker: Any = None, progress: bool = True
     inner = sum(callback.inner_steps.values())
     run_equiv = sum(callback.inner_steps[t] / max(1, e.presets[t].steps) for t, e in zip(req.tasks, envs,
                                                                                           strict=True))
-    policy = model.policy
-    actor = nn.Sequential(*list(policy.mlp_extractor.policy_net), policy.action_net)
+    actor = extract_actor(model.policy)
     rms = venv.obs_rms
     spec = {
         "observation": {"features": list(FEATURES), "mean": [float(x) for x in rms.mean],
@@ -185,6 +184,16 @@ def meta_train(req: MetaTrainRequest, tracker: Any = None, progress: bool = True
     tracker.end_run(run_id, "FINISHED")
     spec["policy_file"] = str(json_path)
     return spec
+
+
+def extract_actor(policy: Any):
+    """The deterministic actor of a stable-baselines3 ``ActorCriticPolicy`` (MLP features) as ``nn.Sequential``.
+
+    Its layout is the one :func:`metacore.controllers.ppo.policy.build_actor` rebuilds from the JSON spec.
+    """
+    import torch.nn as nn
+
+    return nn.Sequential(*list(policy.mlp_extractor.policy_net), policy.action_net)
 
 
 def evaluate_held_out(req: MetaTrainRequest, policy_json: Path, tracker: Any) -> dict[str, Any]:
