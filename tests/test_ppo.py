@@ -43,8 +43,8 @@ def test_env_passes_gymnasium_and_sb3_checkers():
 def test_env_registered_on_import_in_either_order():
     for code in (
         "import metacore.controllers.ppo, sys; assert 'gymnasium' not in sys.modules\n"
-        "import gymnasium; print(gymnasium.spec(%r).entry_point)" % ENV_ID,
-        "import gymnasium, metacore.controllers.ppo; print(gymnasium.spec(%r).entry_point)" % ENV_ID,
+        f"import gymnasium; print(gymnasium.spec({ENV_ID!r}).entry_point)",
+        f"import gymnasium, metacore.controllers.ppo; print(gymnasium.spec({ENV_ID!r}).entry_point)",
     ):
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
@@ -283,35 +283,44 @@ def test_run_digits_with_the_shipped_policy(cli):
 
 
 # ------------------------------------------------------------------------------------------------ meta-train CLI
-def test_meta_train_cli_writes_a_loadable_policy(cli, tmp_path):
+def test_meta_train_rejects_bad_input(cli):
     res = cli("meta-train", "--tasks", "digits", "--hold-out", "digits", "--timesteps", "10", "--out", "p")
     assert res.returncode == 2 and "also a training task" in res.stderr
     res = cli("meta-train", "--tasks", "nope", "--timesteps", "10", "--out", "p")
     assert res.returncode == 2 and "unknown task 'nope'" in res.stderr
+    res = cli("meta-train", "--tasks", "digits", "--timesteps", "0", "--out", "p")
+    assert res.returncode == 2 and "--timesteps must be at least 1" in res.stderr
 
-    from conftest import shared_data_dir
 
-    data = shared_data_dir()
-    hold_out = ["--hold-out", "electricity", "--eval-seeds", "1", "--compare", "static",
-                "--data-dir", str(data)] if data else ["--eval-seeds", "0"]
+def _meta_train(cli, tmp_path, extra):
     res = cli("meta-train", "--tasks", "digits", "--timesteps", "200", "--horizon", "4", "--interval", "2",
-              *hold_out, "--out", "policy_out", "--json", timeout=600)
+              *extra, "--out", "policy_out", "--json", timeout=600)
     assert res.returncode == 0, res.stderr
     spec = json.loads(res.stdout)
     assert spec["training"]["timesteps"] >= 200 and spec["training"]["tasks"] == ["digits"]
     assert spec["training"]["inner_steps"] == 2 * spec["training"]["timesteps"]
     assert spec["training"]["command"].startswith("metacore meta-train --tasks digits")
-    if data:
-        ev = json.loads((tmp_path / "policy_out" / "policy.json").read_text())["evaluation"]
-        assert ev["task"] == "electricity" and set(ev["controllers"]) == {"ppo", "static"}
-        assert all(math.isfinite(c["test_mean"]) for c in ev["controllers"].values())
     from metacore.controllers.ppo.policy import load_policy
 
     policy = load_policy(tmp_path / "policy_out")
     assert policy.horizon == 4 and any(v != 0 for v in policy.spec["observation"]["mean"])
+    return policy
+
+
+def test_meta_train_cli_writes_a_loadable_policy_and_logs_curves(cli, tmp_path):
+    _meta_train(cli, tmp_path, ["--eval-seeds", "0"])
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow_runs' / 'mlflow.db'}")
     run = client.search_runs([client.get_experiment_by_name("meta-train").experiment_id])[0]
     assert run.info.status == "FINISHED"
     assert client.get_metric_history(run.info.run_id, "meta/return/digits")
+
+
+@pytest.mark.slow
+def test_meta_train_evaluates_the_held_out_task(cli, tmp_path, data_dir):
+    policy = _meta_train(cli, tmp_path, ["--hold-out", "electricity", "--eval-seeds", "1", "--compare", "static",
+                                         "--data-dir", str(data_dir)])
+    ev = policy.spec["evaluation"]
+    assert ev["task"] == "electricity" and set(ev["controllers"]) == {"ppo", "static"}
+    assert all(math.isfinite(c["test_mean"]) for c in ev["controllers"].values())

@@ -39,15 +39,13 @@ def default_policy_path() -> Path:
 
 
 def resolve_policy_path(path: str | Path | None) -> Path:
-    """``default`` (or empty) -> the shipped policy; a directory -> its ``policy.json``; ``X.safetensors`` -> ``X.json``."""
+    """``default`` or empty: the shipped policy; a folder: its ``policy.json``; ``X.safetensors`` -> ``X.json``."""
     if path is None or str(path) in ("", "default"):
         return default_policy_path()
     p = Path(path).expanduser()
     if p.is_dir():
         p = p / "policy.json"
-    elif p.suffix == ".safetensors":
-        p = p.with_suffix(".json")
-    elif p.suffix != ".json":
+    elif p.suffix != ".json":  # X.safetensors or a stem
         p = p.with_suffix(".json")
     return p
 
@@ -90,8 +88,9 @@ def read_spec(path: str | Path | None) -> tuple[Path, dict[str, Any], Path]:
                  f"observation.{key} must be {n} finite numbers")
     _require(all(v >= 0 for v in obs["var"]), json_path, "observation.var must be non-negative")
     _require(_finite(obs.get("clip")) and obs["clip"] > 0, json_path, "observation.clip must be positive")
-    _require(isinstance(act.get("hparams"), list) and act["hparams"] and all(isinstance(h, str) for h in act["hparams"]),
-             json_path, "action.hparams must be a non-empty list of names")
+    names = act.get("hparams")
+    _require(isinstance(names, list) and bool(names) and all(isinstance(h, str) for h in names), json_path,
+             "action.hparams must be a non-empty list of names")
     _require(_finite(act.get("max_log_step")) and 0 < act["max_log_step"] <= 5, json_path,
              "action.max_log_step must lie in (0, 5]")
     hidden = net.get("hidden")

@@ -264,6 +264,8 @@ class _Curves:
                 self.inner_steps: dict[str, int] = {}
                 self.ep_return: list[float] = []
                 self.bar = None
+                self.reported = 0
+                self.started = time.perf_counter()
                 if progress:
                     from rich.console import Console
                     from rich.progress import (
@@ -297,6 +299,11 @@ class _Curves:
                 del rewards
                 if self.bar is not None:
                     self.bar.update(self.bar_task, completed=min(self.num_timesteps, self.total))
+                    tenth = 10 * self.num_timesteps // max(1, self.total)
+                    if not self.bar.console.is_terminal and tenth > self.reported:  # a log file: a line per 10%
+                        self.reported = tenth
+                        print(f"meta-train: {self.num_timesteps}/{self.total} decisions, "
+                              f"{time.perf_counter() - self.started:.0f} s", file=sys.stderr, flush=True)
                 return True
 
             def _on_rollout_end(self) -> None:
