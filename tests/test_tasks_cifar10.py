@@ -188,6 +188,7 @@ def test_classification_metrics_match_sklearn():
     assert metrics["f1_macro"] == pytest.approx(f1_score(targets.numpy(), pred, average="macro"))
 
 
+@pytest.mark.slow
 def test_cli_smoke_on_real_data(cli, data_dir):
     res = cli("run", "--task", "cifar10", "--controller", "static", "--baseline", "none", "--preset", "smoke",
               "--data-dir", str(data_dir), "--device", "cpu", "--json")

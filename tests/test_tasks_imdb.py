@@ -153,6 +153,7 @@ def test_seed_defaults_baseline_and_warmup_reach_the_schedule():
     assert plan.roles[0][3]["warmup_steps"] == 7  # the user's --controller-set wins
 
 
+@pytest.mark.slow
 def test_cli_smoke_on_real_data_with_the_task_baseline(cli, data_dir):
     res = cli("run", "--task", "imdb", "--controller", "static", "--preset", "smoke", "--steps", "4",
               "--data-dir", str(data_dir), "--device", "cpu", "--json")
