@@ -91,7 +91,8 @@ class Cifar10Task(Task):
         train = (train_x[:n_train].to(device), train_y[:n_train].to(device))
         val = (train_x[n_train:n_train + n_val].to(device), train_y[n_train:n_train + n_val].to(device))
         test = (test_x[:n_test].to(device), test_y[:n_test].to(device))
-        info = {"data.source": source, "data.train": n_train, "data.val": n_val, "data.test": int(test[0].shape[0]),
+        info = {"preset.description": ctx.preset.description,
+                "data.source": source, "data.train": n_train, "data.val": n_val, "data.test": int(test[0].shape[0]),
                 "data.val_from": "training rows after train_size", "data.augment": bool(opts["augment"]),
                 "model.arch": "torchvision resnet18, CIFAR stem (3x3 s1 conv, no max-pool)",
                 "model.width": opts["width"]}

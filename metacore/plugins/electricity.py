@@ -95,7 +95,8 @@ class ElectricityTask(Task):
             return (torch.as_tensor(x).unsqueeze(-1).to(device), torch.as_tensor(y).to(device),
                     torch.as_tensor(cid).to(device))
 
-        info = {"data.source": source, "data.clients": len(prepared["clients"]),
+        info = {"preset.description": ctx.preset.description,
+                "data.source": source, "data.clients": len(prepared["clients"]),
                 "data.steps": prepared["steps"], "data.resample": opts["resample"],
                 "data.first": str(frame.index[0]), "data.last": str(frame.index[-1]),
                 "data.split": "chronological 70/10/20", "data.normalise": "per client, training span only",

@@ -118,7 +118,8 @@ class ImdbTask(Task):
         device = ctx.device
         splits = {p: (enc[f"{p}_ids"].to(device), enc[f"{p}_y"].to(device)) for p in ("train", "val", "test")}
         truncated = float((enc["train_ids"][:, -1] != tokenizer.pad_token_id).float().mean())
-        info = {"data.source": source, "data.train": n_train, "data.val": n_val, "data.test": len(te_idx),
+        info = {"preset.description": ctx.preset.description,
+                "data.source": source, "data.train": n_train, "data.val": n_val, "data.test": len(te_idx),
                 "data.balanced": True, "data.subset_seed": SUBSET_SEED, "data.max_length": opts["max_length"],
                 "data.train_truncated_frac": round(truncated, 4), "model.name": model_name,
                 "model.layers": opts["layers"] or "all", "schedule.warmup_steps": opts["warmup_steps"]}
