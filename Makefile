@@ -18,7 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/metacore run --task digits --controller cosine --preset small
+	HF_HUB_OFFLINE=1 $(BIN)/metacore run --task digits --controller hypergrad --preset small
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
