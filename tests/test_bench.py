@@ -110,3 +110,6 @@ def test_cli_bench_done_criterion(cli, tmp_path):
     text = report.read_text()
     assert text.startswith("# Results") and text.rstrip().endswith("kept") and "bench-digits.png" in text
     assert (tmp_path / "docs" / "img" / "bench-digits.png").is_file()
+    by_run = cli("compare", "--run", result["parent_run_id"])  # the human table, from the bench parent
+    assert by_run.returncode == 0, by_run.stderr
+    assert "lr=0.1" in by_run.stdout and "static (baseline)" in by_run.stdout
