@@ -270,6 +270,26 @@ def test_controller_never_proposes_non_finite_or_out_of_bounds_lr():
     assert all(c.get("lr", 0.1) > 0 for c in proposals)
 
 
+def test_tensor_lr_follows_the_float_trajectory():
+    lrs = {}
+    for mode in ("off", "on"):
+        model, opt, _, _ = _setup(lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), 0)
+        ctrl = HypergradController(tensor_lr=mode)
+        ctrl.reset({"lr": 0.05, "momentum": 0.9, "weight_decay": 0.0}, 0, SGD_SPACE, 10)
+        trace = []
+        for step, batch in enumerate(_batches(6)):
+            _grad(model, batch)
+            ctrl.observe_gradients(_ctx(model, opt, step))
+            for name, value in ctrl.act(None).items():
+                assert isinstance(value, torch.Tensor) == (mode == "on")
+                _set(opt, name, value)
+            opt.step()
+            trace.append(float(opt.param_groups[0]["lr"]))
+        lrs[mode] = trace
+    assert lrs["on"] == pytest.approx(lrs["off"], rel=1e-5)
+    assert len(set(lrs["off"])) > 2
+
+
 def test_options_are_validated():
     with pytest.raises(UsageError, match="adapt"):
         HypergradController(adapt="lr,dropout")

@@ -23,7 +23,6 @@ How it stays generic and cheap (a :class:`~metacore.core.controller.GradientObse
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 from metacore.controllers import hypergrad_math as hm
@@ -486,10 +485,6 @@ def _plain_or_tensor(value: Any) -> Any:
 
 def _plain(value: Any) -> float:
     return float(value.item()) if hasattr(value, "item") else float(value)
-
-
-def _finite(value: float) -> bool:
-    return math.isfinite(value)
 
 
 @hookimpl
