@@ -15,10 +15,9 @@ How it stays generic and cheap (a :class:`~metacore.core.controller.GradientObse
   rate is a 0-dim tensor throughout; it is handed to the optimizer as a tensor on CUDA where the optimizer takes one
   without a host read-back (``Adam``/``AdamW`` with ``capturable=True`` or ``fused=True``), else as a float (on a CPU a
   float costs nothing). Diagnostics are tensors, read back only at logging intervals.
-* ``signal=val``: every ``val_every`` steps the gradient of a validation batch replaces the training gradient and the
-  direction is the whole change since the previous check, ``(θ_{t-K} - θ_t)/α`` (the first-order derivative of the
-  validation loss with respect to a rate held constant over those K steps), so the rate follows held-out performance.
-  Between checks the controller does nothing at all. This variant adapts the learning rate only.
+* ``signal=val``: every ``val_every`` steps the gradient of a validation batch replaces the training gradient in
+  that step's hypergradients (``-∇f_val(θ_t)·u_s``), so the adaptation also follows held-out performance; the
+  other steps use the training gradient, and every guard still acts every step.
 """
 
 from __future__ import annotations
@@ -65,9 +64,9 @@ class HypergradController(Controller):
                                "(log or logit units); bounds the additive rule", 0.0, 10.0),
         "max_update": OptionSpec("max_update", 0.1, float, "trust bound: the learning rate is cut so that one step "
                                  "moves the weights by at most this fraction of their norm (0: off)", 0.0, None),
-        "signal": OptionSpec("signal", "train", str, "train: every step, the training gradient; val: every "
-                             "val_every steps, a validation batch's gradient", choices=("train", "val")),
-        "val_every": OptionSpec("val_every", 10, int, "steps between validation-gradient updates (signal=val)",
+        "signal": OptionSpec("signal", "train", str, "train: the training gradient; val: every val_every steps "
+                             "a validation batch's gradient instead", choices=("train", "val")),
+        "val_every": OptionSpec("val_every", 10, int, "steps between validation-gradient hypergradients (signal=val)",
                                 1, None),
         "tensor_lr": OptionSpec("tensor_lr", "auto", str, "hand the optimizer a device tensor as lr (no host "
                                 "sync): auto (CUDA and an optimizer that takes it without a read-back), on, off",
@@ -83,8 +82,6 @@ class HypergradController(Controller):
         if bad or not roles:
             raise UsageError(f"option adapt for controller hypergrad: unknown {bad[0] if bad else 'empty'} value "
                              f"(known: {', '.join(ROLES)}, all)")
-        if self.config["signal"] == "val" and roles != ["lr"]:
-            raise UsageError("controller hypergrad: signal=val adapts the learning rate only (use adapt=lr)")
         self.roles = roles
         self._clear()
 
@@ -218,16 +215,16 @@ class HypergradController(Controller):
         import torch
 
         self._count += 1
-        val_grads = None
-        if self.config["signal"] == "val" and self._have_prev and (self._count - 1) % self.config["val_every"] == 0:
+        grad_of = None
+        if self.config["signal"] == "val" and self._have_prev and self._count % self.config["val_every"] == 0:
             _, val_grads = ctx.val_loss_and_grads()  # needs autograd: outside no_grad
+            by_id = {id(p): g for p, g in zip(ctx.params, val_grads, strict=True)}
+            grad_of = lambda p: by_id.get(id(p))  # noqa: E731
+            self._diag["val_signals"] = self._diag.get("val_signals", 0) + 1
         with torch.no_grad():
             if not self._bound:
                 self._bind(ctx)
-            if self.config["signal"] == "val":
-                self._observe_val(ctx, val_grads)
-            else:
-                self._observe_train(ctx)
+            self._observe(ctx, grad_of)
 
     def after_step(self, ctx: StepContext) -> None:
         """Nothing: the next step reads the change the optimizer made from the parameters themselves."""
@@ -248,11 +245,11 @@ class HypergradController(Controller):
             prevs.append(bs)
         return params, grads, prevs
 
-    def _observe_train(self, ctx: StepContext) -> None:
+    def _observe(self, ctx: StepContext, grad_of=None) -> None:
         import torch
 
         opt = ctx.optimizer
-        params, grads, prevs = self._with_grads(lambda p: p.grad)
+        params, grads, prevs = self._with_grads(grad_of or (lambda p: p.grad))
         flat_g = [g for gs in grads for g in gs]
         if self._have_prev:
             g_norm = hm.norm(flat_g)
@@ -277,35 +274,8 @@ class HypergradController(Controller):
             out["lr"] = (h_lr, hm.cosine(-gd_total, g_norm.double(), d_sq.sqrt()))
             for role in self.names:
                 self._apply_update(role, *out[role])
-            self._trust_bound(opt, d_sq.sqrt(), 1)
+            self._trust_bound(opt, d_sq.sqrt())
         self._capture(opt, params)
-
-    def _observe_val(self, ctx: StepContext, val_grads: list | None) -> None:
-        import torch
-
-        if (self._count - 1) % self.config["val_every"] != 0:
-            return
-        opt = ctx.optimizer
-        params_all = [p for g in self._params for p in g]
-        if val_grads is not None:
-            by_id = {id(p): g for p, g in zip(ctx.params, val_grads, strict=True)}
-            params, grads, prevs = self._with_grads(lambda p: by_id.get(id(p)))
-            flat_g = [g for gs in grads for g in gs]
-            h_lr = torch.zeros((), device=self._device, dtype=torch.float64)
-            gd_total = torch.zeros_like(h_lr)
-            d_sq = torch.zeros_like(h_lr)
-            for group, ps, gs, bs in zip(opt.param_groups, params, grads, prevs, strict=True):
-                if not ps:
-                    continue
-                torch._foreach_sub_(bs, ps)
-                gd = hm.dot(gs, bs).double()
-                h_lr = h_lr - gd / group["lr"]
-                gd_total = gd_total + gd
-                d_sq = d_sq + hm.norm(bs).double() ** 2
-            self._apply_update("lr", h_lr, hm.cosine(-gd_total, hm.norm(flat_g).double(), d_sq.sqrt()))
-            self._trust_bound(opt, d_sq.sqrt(), self.config["val_every"])
-        torch._foreach_copy_([b for g in self._prev for b in g], params_all)
-        self._have_prev = True
 
     def _capture(self, opt: Any, params: list[list[Any]]) -> None:
         """Keep θ before this step (and the momentum state before it, when momentum is adapted)."""
@@ -391,7 +361,7 @@ class HypergradController(Controller):
         return h, hm.cosine(h, g_norm.double(), s_sq.sqrt())
 
     # ------------------------------------------------------------------------------------------------ updates
-    def _trust_bound(self, opt: Any, d_norm: Any, steps: int) -> None:
+    def _trust_bound(self, opt: Any, d_norm: Any) -> None:
         """Cut the rate when the last step(s) moved the weights by more than ``max_update`` of their norm.
 
         A one-step hypergradient cannot see an instability coming (it is a curvature effect, and with momentum the
@@ -405,7 +375,7 @@ class HypergradController(Controller):
         if r_max <= 0:
             return
         theta_norm = hm.norm([p for g in self._params for p in g]).double()
-        ratio = torch.where(theta_norm > 0, d_norm / steps / theta_norm.clamp_min(1e-30), torch.zeros_like(d_norm))
+        ratio = torch.where(theta_norm > 0, d_norm / theta_norm.clamp_min(1e-30), torch.zeros_like(d_norm))
         self._diag["update_ratio"] = ratio
         lr = self.values["lr"]
         alpha_prev = torch.as_tensor(_plain_or_tensor(opt.param_groups[0]["lr"]), dtype=lr.dtype, device=lr.device)
