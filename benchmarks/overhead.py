@@ -68,6 +68,7 @@ def measure_controllers(task_name: str, preset_name: str, controllers: list[str]
     budget = warmup + steps * reps + 1
 
     trainers: dict[str, Any] = {}
+    spent: dict[str, list[float]] = {}  # seconds inside the controller's own calls, per name
     errors: dict[str, str] = {}
     for name in ["static", *names]:
         try:
@@ -77,6 +78,7 @@ def measure_controllers(task_name: str, preset_name: str, controllers: list[str]
             trainer = Trainer(task, controller, ctx, hparams, cfg, data=data)
             trainer.advance(warmup)
             trainers[name] = trainer
+            spent[name] = _time_controller_calls(controller)
         except Exception as exc:  # a controller that cannot run here is reported, not fatal
             errors[name] = f"{type(exc).__name__}: {exc}"
             _log(f"  {name}: skipped ({errors[name]})", quiet)
@@ -93,6 +95,8 @@ def measure_controllers(task_name: str, preset_name: str, controllers: list[str]
         return (time.perf_counter() - start) / steps
 
     times: dict[str, list[float]] = {name: [] for name in trainers}
+    for box in spent.values():
+        box[0] = 0.0  # count the timed repetitions only
     for rep in range(reps):
         for name, trainer in trainers.items():
             times[name].append(timed(trainer))
@@ -108,11 +112,34 @@ def measure_controllers(task_name: str, preset_name: str, controllers: list[str]
             "step_time_ratio": round(statistics.median(ratios), 4),
             "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4),
             "step_ms": round(1000 * statistics.median(times[name]), 3),
+            # time inside the controller's own calls (observe_gradients, act, after_step), per step: less exposed
+            # to a busy machine than the difference of two step times
+            "controller_ms": round(1000 * spent[name][0] / (steps * reps), 4),
+            "controller_share": round(spent[name][0] / (steps * reps) / statistics.median(times["static"]), 5),
             "static_step_ms": round(1000 * statistics.median(times["static"]), 3),
             "reps": reps, "steps_per_rep": steps,
         }
     return {"task": task_name, "preset": preset_name, "device": device, "hparams": hparams,
             "model_params": sum(p.numel() for p in trainers["static"].model.parameters()), "results": out}
+
+
+def _time_controller_calls(controller: Any) -> list[float]:
+    """Wrap the controller's per-step methods to accumulate the seconds spent in them (a one-element box)."""
+    box = [0.0]
+    for method in ("observe_gradients", "act", "after_step"):
+        inner = getattr(controller, method, None)
+        if inner is None:
+            continue
+
+        def timed(*args, _inner=inner, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                box[0] += time.perf_counter() - start
+
+        setattr(controller, method, timed)
+    return box
 
 
 # ---------------------------------------------------------------------------------------------------- framework
@@ -173,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for name, r in result["controllers"].items():
             print(f"{name:>16}: " + (f"step time x{r['step_time_ratio']:.3f} of static "
-                                     f"({r['step_ms']:.1f} vs {r['static_step_ms']:.1f} ms)"
+                                     f"({r['step_ms']:.1f} vs {r['static_step_ms']:.1f} ms; "
+                                     f"{r['controller_ms']:.2f} ms in the controller)"
                                      if "step_time_ratio" in r else r["error"]))
     return 0
 

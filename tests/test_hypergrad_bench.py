@@ -25,6 +25,6 @@ def test_overhead_benchmark_json_shape(tmp_path):
     assert set(result) >= {"controllers", "framework", "machine"}
     assert set(result["controllers"]) == {"hypergrad", "cosine"}
     for entry in result["controllers"].values():
-        assert entry["step_time_ratio"] > 0 and entry["reps"] == 2
+        assert entry["step_time_ratio"] > 0 and entry["reps"] == 2 and entry["controller_ms"] >= 0
     assert result["machine"]["device"] == "cpu"
     assert json.loads(out.read_text()) == result
