@@ -85,21 +85,25 @@ def measure_controllers(task_name: str, preset_name: str, controllers: list[str]
     if "static" not in trainers:
         raise RuntimeError(f"static baseline failed: {errors.get('static')}")
 
-    def timed(trainer) -> float:
+    def timed(trainer) -> tuple[float, float]:
+        """Wall and process-CPU seconds per step. On a busy shared CPU the CPU time is the steadier figure."""
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         trainer.advance(steps)
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        return (time.perf_counter() - start) / steps
+        return (time.perf_counter() - start) / steps, (time.process_time() - cpu) / steps
 
     times: dict[str, list[float]] = {name: [] for name in trainers}
+    cpu_times: dict[str, list[float]] = {name: [] for name in trainers}
     for box in spent.values():
-        box[0] = 0.0  # count the timed repetitions only
+        box[0] = box[1] = 0.0  # count the timed repetitions only
     for rep in range(reps):
         for name, trainer in trainers.items():
-            times[name].append(timed(trainer))
+            wall, cpu = timed(trainer)
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
         _log(f"  rep {rep + 1}/{reps}: " + ", ".join(f"{n} {1000 * t[-1]:.1f} ms" for n, t in times.items()), quiet)
 
     out: dict[str, Any] = {}
@@ -108,14 +112,18 @@ def measure_controllers(task_name: str, preset_name: str, controllers: list[str]
             out[name] = {"error": errors[name]}
             continue
         ratios = [t / s for t, s in zip(times[name], times["static"], strict=True)]
+        cpu_ratios = [t / s for t, s in zip(cpu_times[name], cpu_times["static"], strict=True) if s > 0]
         out[name] = {
             "step_time_ratio": round(statistics.median(ratios), 4),
             "ratio_min": round(min(ratios), 4), "ratio_max": round(max(ratios), 4),
             "step_ms": round(1000 * statistics.median(times[name]), 3),
             # time inside the controller's own calls (observe_gradients, act, after_step), per step: less exposed
             # to a busy machine than the difference of two step times
+            "step_cpu_ratio": round(statistics.median(cpu_ratios), 4) if cpu_ratios else None,
             "controller_ms": round(1000 * spent[name][0] / (steps * reps), 4),
-            "controller_share": round(spent[name][0] / (steps * reps) / statistics.median(times["static"]), 5),
+            "controller_cpu_ms": round(1000 * spent[name][1] / (steps * reps), 4),
+            "controller_cpu_share": round(spent[name][1] / (steps * reps) / max(1e-12, statistics.median(
+                cpu_times["static"])), 5),
             "static_step_ms": round(1000 * statistics.median(times["static"]), 3),
             "reps": reps, "steps_per_rep": steps,
         }
@@ -125,18 +133,19 @@ def measure_controllers(task_name: str, preset_name: str, controllers: list[str]
 
 def _time_controller_calls(controller: Any) -> list[float]:
     """Wrap the controller's per-step methods to accumulate the seconds spent in them (a one-element box)."""
-    box = [0.0]
+    box = [0.0, 0.0]  # wall, process CPU
     for method in ("observe_gradients", "act", "after_step"):
         inner = getattr(controller, method, None)
         if inner is None:
             continue
 
         def timed(*args, _inner=inner, **kwargs):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.process_time()
             try:
                 return _inner(*args, **kwargs)
             finally:
                 box[0] += time.perf_counter() - start
+                box[1] += time.process_time() - cpu
 
         setattr(controller, method, timed)
     return box
@@ -201,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in result["controllers"].items():
             print(f"{name:>16}: " + (f"step time x{r['step_time_ratio']:.3f} of static "
                                      f"({r['step_ms']:.1f} vs {r['static_step_ms']:.1f} ms; "
-                                     f"{r['controller_ms']:.2f} ms in the controller)"
+                                     f"{r['controller_ms']:.2f} ms in the controller; CPU-time ratio "
+                                     f"x{r['step_cpu_ratio']:.3f}, controller {r['controller_cpu_ms']:.2f} ms CPU)"
                                      if "step_time_ratio" in r else r["error"]))
     return 0
 
