@@ -42,6 +42,7 @@ DEFAULT_BETA = {
                  "adam": {"lr": 1e-7, "momentum": 1e-4, "weight_decay": 1e-6},
                  "other": {"lr": 1e-3, "momentum": 1e-3, "weight_decay": 1e-3}},
 }
+THETA_NORM_EVERY = 16
 DEFAULT_RULE = {"sgd": "multiplicative", "adam": "multiplicative", "other": "multiplicative"}
 
 
@@ -102,6 +103,7 @@ class HypergradController(Controller):
         self._loaded: Mapping[str, Any] | None = None
         self._tensor_lr = False
         self._device = None
+        self._theta_norm = None  # ‖θ‖ for the trust bound, refreshed every THETA_NORM_EVERY steps
 
     def reset(self, hparams: Mapping[str, float], seed: int, space: HParamSpace, budget: int) -> None:
         super().reset(hparams, seed, space, budget)
@@ -142,6 +144,7 @@ class HypergradController(Controller):
             "prev": [t for group in self._prev for t in group],
             "mom": [t for group in self._mom for t in group] if self._mom is not None else [],
             "diag": {k: self._to_plain(v) for k, v in self._diag.items()},
+            "theta_norm": self._to_plain(self._theta_norm) if self._theta_norm is not None else None,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -152,6 +155,8 @@ class HypergradController(Controller):
         self._had_buf = bool(state.get("had_buf", False))
         self._count = int(state.get("count", 0))
         self._diag = dict(state.get("diag", {}))
+        theta_norm = state.get("theta_norm")
+        self._theta_norm = theta_norm.clone() if hasattr(theta_norm, "clone") else None
         self._pending = {}
         if self._bound:
             self._load_buffers(state)
@@ -374,7 +379,9 @@ class HypergradController(Controller):
         r_max = self.config["max_update"]
         if r_max <= 0:
             return
-        theta_norm = hm.norm([p for g in self._params for p in g]).double()
+        if self._theta_norm is None or self._count % THETA_NORM_EVERY == 0:  # the weights' norm drifts slowly
+            self._theta_norm = hm.norm([p for g in self._params for p in g]).double()
+        theta_norm = self._theta_norm.to(d_norm.device)
         ratio = torch.where(theta_norm > 0, d_norm / theta_norm.clamp_min(1e-30), torch.zeros_like(d_norm))
         self._diag["update_ratio"] = ratio
         lr = self.values["lr"]
