@@ -176,12 +176,13 @@ class MlflowRunSource(RunSource):
 
     def _attach_wall_times(self, runs: list[RunRecord]) -> None:
         """Training wall time as the trainer measured it (the summary), not the run's duration with data loading."""
+        by_id = {r.run_id: r for r in runs}
         for parent_id in {r.parent_id for r in runs if r.is_training and r.parent_id}:
             summary = self.parent_summary(parent_id)
             for item in (summary or {}).get("runs", []):
-                for r in runs:
-                    if r.run_id == item.get("run_id") and item.get("wall_s") is not None:
-                        r.wall_s = float(item["wall_s"])
+                run = by_id.get(item.get("run_id"))
+                if run is not None and item.get("wall_s") is not None:
+                    run.wall_s = float(item["wall_s"])
 
 
 class MemoryRunSource(RunSource):
