@@ -191,11 +191,16 @@ def run_bench(req: BenchRequest, units: list[Unit], *, command: str | None = Non
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             threads = max(1, (os.cpu_count() or 1) // req.workers)
-            with ProcessPoolExecutor(req.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pool = ProcessPoolExecutor(req.workers, mp_context=multiprocessing.get_context("spawn"))
+            try:
                 futures = {pool.submit(_run_unit, u, bench_id, threads): u for u in units}
                 for fut in as_completed(futures):
                     results.append(fut.result())
                     _progress(say, futures[fut], results[-1], len(results), len(units))
+            except BaseException:
+                _stop_pool(pool)
+                raise
+            pool.shutdown()
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -241,6 +246,19 @@ def run_bench(req: BenchRequest, units: list[Unit], *, command: str | None = Non
     finally:
         tracker.end_run(bench_id, "FINISHED" if not failures else "FAILED")
     return out
+
+
+def _stop_pool(pool: Any) -> None:
+    """Ctrl-C (or a broken worker): drop the queued units and interrupt the running ones, which then mark their
+    runs KILLED, instead of letting the pool start every unit still queued."""
+    import signal
+
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            os.kill(proc.pid, signal.SIGINT)
+        except OSError:
+            pass
 
 
 def _heading(req: BenchRequest) -> str:
