@@ -307,6 +307,7 @@ def _meta_train(cli, tmp_path, extra):
     return policy
 
 
+@pytest.mark.slow  # a minute or more on a busy 2-core machine: process start, sb3, 200 decisions, PPO updates
 def test_meta_train_cli_writes_a_loadable_policy_and_logs_curves(cli, tmp_path):
     _meta_train(cli, tmp_path, ["--eval-seeds", "0"])
     from mlflow.tracking import MlflowClient
