@@ -154,13 +154,28 @@ class FeatureTracker:
             self.prev_loss = loss
         return [_clip(x) for x in out]
 
-    # the scalars a rollback or a checkpoint must restore (the gradient buffer is rebuilt on the next step)
-    def state_dict(self) -> dict[str, float]:
-        return {"first_grad_norm": self.first_grad_norm, "prev_loss": self.prev_loss, "first_loss": self.first_loss,
-                "lr_start": self.lr_start}
+    # what a rollback or a checkpoint restores: scalars, the interval's accumulators and the previous gradient, so a
+    # restored controller computes the very same features (tensors and plain values only: loads weights_only)
+    def state_dict(self) -> dict[str, Any]:
+        g = self.grads
+        out: dict[str, Any] = {"first_grad_norm": self.first_grad_norm, "prev_loss": self.prev_loss,
+                               "first_loss": self.first_loss, "lr_start": self.lr_start,
+                               "rollbacks_seen": self.rollbacks_seen}
+        if g.acc is not None:
+            out["grad_acc"] = g.acc.detach().clone()
+        if g.prev is not None and g._prev_sq is not None:
+            out["grad_prev"] = [t.detach().clone() for t in g.prev]
+            out["grad_prev_sq"] = g._prev_sq.detach().clone()
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.first_grad_norm = float(state.get("first_grad_norm", self.first_grad_norm))
         self.prev_loss = float(state.get("prev_loss", self.prev_loss))
         self.first_loss = float(state.get("first_loss", self.first_loss))
         self.lr_start = float(state.get("lr_start", self.lr_start))
+        self.rollbacks_seen = int(state.get("rollbacks_seen", self.rollbacks_seen))
+        if "grad_acc" in state:
+            self.grads.acc = state["grad_acc"].clone()
+        if "grad_prev" in state:
+            self.grads.prev = [t.clone() for t in state["grad_prev"]]
+            self.grads._prev_sq = state["grad_prev_sq"].clone()
