@@ -148,6 +148,7 @@ class MlflowTracker(Tracker):
         try:
             from mlflow.tracking import MlflowClient
 
+            logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets its own level on import
             self.client = MlflowClient(tracking_uri=self.uri)
             self.client.search_experiments(max_results=1)  # opens (and migrates) the store now, not mid-run
         except Exception as exc:
