@@ -65,7 +65,9 @@ def test_controller_sees_frozen_scalar_state_every_step():
     assert last.budget == 12 and 0 < last.progress < 1
     assert math.isfinite(last.train_loss) and len(last.train_losses) == 2  # logged at steps 5 and 10
     assert "accuracy" in last.val_metrics  # evaluated at step 10
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
         last.step = 3  # frozen
     assert all(isinstance(v, float) for v in last.hparams.values())
 

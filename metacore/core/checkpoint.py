@@ -16,7 +16,8 @@ from metacore.core.errors import CheckpointError
 PATTERN = "step-{step:09d}.pt"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -37,7 +38,7 @@ def save_checkpoint(payload: dict[str, Any], directory: str | Path, step: int, k
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
-        digest = _sha256(tmp)
+        digest = sha256_file(tmp)
         os.replace(tmp, target)
         sidecar = target.with_suffix(".pt.sha256")
         sidecar_tmp = sidecar.with_suffix(".tmp")
@@ -61,7 +62,7 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
 def is_intact(path: Path) -> bool:
     sidecar = path.with_suffix(".pt.sha256")
     try:
-        return sidecar.read_text().strip() == _sha256(path)
+        return sidecar.read_text().strip() == sha256_file(path)
     except OSError:
         return False
 

@@ -14,7 +14,6 @@ stable-baselines3.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from metacore.controllers.ppo.features import FEATURES
+from metacore.core.checkpoint import sha256_file
 from metacore.core.errors import MetacoreError
 
 FORMAT = "metacore-ppo-policy"
@@ -48,14 +48,6 @@ def resolve_policy_path(path: str | Path | None) -> Path:
     elif p.suffix != ".json":  # X.safetensors or a stem
         p = p.with_suffix(".json")
     return p
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _require(cond: bool, where: Path, what: str) -> None:
@@ -102,7 +94,7 @@ def read_spec(path: str | Path | None) -> tuple[Path, dict[str, Any], Path]:
     weights = json_path.parent / str(spec.get("weights_file", ""))
     _require(bool(spec.get("weights_file")) and weights.is_file() and weights.parent == json_path.parent, json_path,
              f"weights file {weights} not found")
-    _require(_sha256(weights) == spec.get("weights_sha256"), json_path,
+    _require(sha256_file(weights) == spec.get("weights_sha256"), json_path,
              f"weights file {weights.name} does not match the checksum in the JSON (tampered or from another policy)")
     return json_path, spec, weights
 
@@ -202,7 +194,7 @@ def save_policy(out_dir: str | Path, actor_state: Mapping[str, Any], spec: dict[
                 policy_id=uuid.uuid4().hex)
     save_file({k: v.detach().float().contiguous().cpu() for k, v in actor_state.items()}, str(weights),
               metadata={"format": FORMAT, "policy_id": spec["policy_id"]})
-    spec["weights_sha256"] = _sha256(weights)
+    spec["weights_sha256"] = sha256_file(weights)
     json_path.write_text(json.dumps(spec, indent=2) + "\n")
     return json_path, weights
 
