@@ -7,6 +7,7 @@ controller and baseline runs of one command.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -149,10 +150,27 @@ class MlflowTracker(Tracker):
             from mlflow.tracking import MlflowClient
 
             logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets its own level on import
-            self.client = MlflowClient(tracking_uri=self.uri)
-            self.client.search_experiments(max_results=1)  # opens (and migrates) the store now, not mid-run
+            with self._store_lock():  # two processes creating one new SQLite store would race its migrations
+                self.client = MlflowClient(tracking_uri=self.uri)
+                self.client.search_experiments(max_results=1)  # opens (and migrates) the store now, not mid-run
         except Exception as exc:
             raise TrackingError(f"cannot open the MLflow store {self.uri}: {_first_line(exc)}") from None
+
+    @contextlib.contextmanager
+    def _store_lock(self):
+        """An exclusive lock file beside a local SQLite store while it is opened (no-op for other stores)."""
+        if not self.uri.startswith("sqlite:///"):
+            yield
+            return
+        import fcntl
+
+        lock_path = Path(self.uri[len("sqlite:///"):]).with_suffix(".lock")
+        with open(lock_path, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def _prepare_local_store(self) -> None:
         """Create the folder of a local SQLite store and check it is writable, so a bad location fails early."""
