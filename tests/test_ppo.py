@@ -160,7 +160,8 @@ def test_policy_round_trip(tmp_path):
 
 
 def test_tampered_or_mismatched_policy_is_a_clear_error(tmp_path):
-    from metacore.controllers.ppo.policy import PolicyError, _sha256, load_policy
+    from metacore.controllers.ppo.policy import PolicyError, load_policy
+    from metacore.core.checkpoint import sha256_file
 
     _, json_path, weights = _random_policy(tmp_path / "a")
     data = bytearray(weights.read_bytes())
@@ -174,7 +175,7 @@ def test_tampered_or_mismatched_policy_is_a_clear_error(tmp_path):
     _, json_c, weights_c = _random_policy(tmp_path / "c", seed=2)
     weights_b.write_bytes(weights_c.read_bytes())
     spec = json.loads(json_b.read_text())
-    spec["weights_sha256"] = _sha256(weights_b)
+    spec["weights_sha256"] = sha256_file(weights_b)
     json_b.write_text(json.dumps(spec))
     with pytest.raises(PolicyError, match="another policy"):
         load_policy(json_b)
