@@ -154,6 +154,10 @@ def execute(plan: Plan, tracker: Tracker | None = None, progress: Any = None, *,
     should_stop = should_stop or (lambda: False)
     ckpt_root = _checkpoint_root(plan)
     experiment = req.experiment or task.name
+    data_cache: dict[int, TaskData] = {}
+    if not resume_parent:  # missing or malformed data: exit 2 before any MLflow run exists
+        first = TaskContext(plan.preset, dict(plan.options), req.seed, plan.device, plan.data_dir, dict(plan.hparams))
+        data_cache[req.seed] = task.load_data(first)
     if resume_parent:
         parent_id = resume_parent
         tracker.reopen(parent_id)
@@ -164,7 +168,6 @@ def execute(plan: Plan, tracker: Tracker | None = None, progress: Any = None, *,
         existing = {}
     summary: dict[str, Any] = {"parent_run_id": parent_id, "task": task.name, "preset": plan.preset.name,
                                "experiment": experiment, "tracking_uri": tracker.uri, "runs": []}
-    data_cache: dict[int, TaskData] = {}
     status = "FAILED"
     try:
         for seed in range(req.seed, req.seed + req.seeds):
