@@ -56,6 +56,15 @@ class HParamSpec:
             raise UsageError(f"{what} must lie in [{self.low:g}, {self.high:g}], got {raw!r}")
         return value
 
+    def write(self, group: dict, value: Any) -> None:
+        """Set this hyperparameter in one optimizer param group (one element of a tuple key such as ``betas``)."""
+        if self.index is None:
+            group[self.key] = value
+        else:
+            parts = list(group[self.key])
+            parts[self.index] = value
+            group[self.key] = tuple(parts)
+
     def clip(self, value: float) -> float | int:
         """Clamp a finite value into bounds (what controllers get when they overshoot)."""
         value = min(max(float(value), self.low), self.high)

@@ -6,7 +6,7 @@ from typing import Callable
 
 
 class RunProgress:
-    def __init__(self) -> None:
+    def __init__(self, unit: str = "steps") -> None:
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -18,7 +18,7 @@ class RunProgress:
         )
 
         self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                  TextColumn("steps"), TimeElapsedColumn(), TimeRemainingColumn(),
+                                  TextColumn(unit), TimeElapsedColumn(), TimeRemainingColumn(),
                                   console=Console(stderr=True))
         self._task = None
 
@@ -26,6 +26,10 @@ class RunProgress:
         self._progress.start()
         self._task = self._progress.add_task(label, total=total)
         return lambda step: self._progress.update(self._task, completed=step)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self._progress.console.is_terminal
 
     def stop(self) -> None:
         self._progress.stop()

@@ -231,14 +231,8 @@ class Trainer:
             self.hparams[name] = value
             if spec.acts_on == "optimizer":
                 for group in self.optimizer.param_groups:
-                    if spec.key not in group:
-                        continue
-                    if spec.index is not None:
-                        parts = list(group[spec.key])
-                        parts[spec.index] = value
-                        group[spec.key] = tuple(parts)
-                    else:
-                        group[spec.key] = value
+                    if spec.key in group:
+                        spec.write(group, value)
             elif spec.acts_on == "model":
                 self.task.apply_model_hparam(self.model, name, _to_float(value))
 

@@ -233,12 +233,7 @@ class MetacoreCallback(TrainerCallback):
                     new = value if ratio == 1.0 else value * ratio
                 elif initial == 0 and any(self._initial[j].get(spec.key) for j in range(len(self._groups))):
                     new = 0.0  # a group that started at 0 while others did not (no-decay group) stays at 0
-                if spec.index is not None:
-                    parts = list(group[spec.key])
-                    parts[spec.index] = new
-                    group[spec.key] = tuple(parts)
-                else:
-                    group[spec.key] = new
+                spec.write(group, new)
 
     def _training_state(self, state) -> TrainingState:
         return TrainingState(

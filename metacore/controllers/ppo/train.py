@@ -267,21 +267,10 @@ class _Curves:
                 self.reported = 0
                 self.started = time.perf_counter()
                 if progress:
-                    from rich.console import Console
-                    from rich.progress import (
-                        BarColumn,
-                        MofNCompleteColumn,
-                        Progress,
-                        TextColumn,
-                        TimeElapsedColumn,
-                        TimeRemainingColumn,
-                    )
+                    from metacore.core.progress import RunProgress
 
-                    self.bar = Progress(TextColumn("meta-train"), BarColumn(), MofNCompleteColumn(),
-                                        TextColumn("decisions"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                        console=Console(stderr=True))
-                    self.bar.start()
-                    self.bar_task = self.bar.add_task("meta-train", total=total)
+                    self.bar = RunProgress(unit="decisions")
+                    self.bar_update = self.bar.start("meta-train", total)
 
             def _on_step(self) -> bool:
                 infos, dones = self.locals.get("infos", []), self.locals.get("dones", [])
@@ -298,9 +287,9 @@ class _Curves:
                         self.episodes[task] = self.episodes.get(task, 0) + 1
                 del rewards
                 if self.bar is not None:
-                    self.bar.update(self.bar_task, completed=min(self.num_timesteps, self.total))
+                    self.bar_update(min(self.num_timesteps, self.total))
                     tenth = 10 * self.num_timesteps // max(1, self.total)
-                    if not self.bar.console.is_terminal and tenth > self.reported:  # a log file: a line per 10%
+                    if not self.bar.is_terminal and tenth > self.reported:  # a log file: a line per 10%
                         self.reported = tenth
                         print(f"meta-train: {self.num_timesteps}/{self.total} decisions, "
                               f"{time.perf_counter() - self.started:.0f} s", file=sys.stderr, flush=True)
@@ -326,7 +315,7 @@ class _Curves:
 
             def close(self) -> None:
                 if self.bar is not None:
-                    self.bar.update(self.bar_task, completed=min(self.num_timesteps, self.total))
+                    self.bar_update(min(self.num_timesteps, self.total))
                     self.bar.stop()
                     self.bar = None
                 self.tracker.flush(self.run_id)
