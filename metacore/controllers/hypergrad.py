@@ -11,8 +11,11 @@ How it stays generic and cheap (a :class:`~metacore.core.controller.GradientObse
   before each step (the one extra parameter-sized buffer) and the next step's hypergradient uses the change the
   optimizer actually made, ``D = θ_s - θ_t = α u``. Momentum adaptation keeps one more copy (the optimizer's
   momentum buffer or Adam's first moment before the step); nothing else is stored.
-* All work is fused ``torch._foreach_*`` passes plus a dot product per tensor, on the parameters' device. The learning
-  rate is a 0-dim tensor throughout; it is handed to the optimizer as a tensor on CUDA where the optimizer takes one
+* The parameters before the step and the current gradient are mirrored in flat buffers
+  (:class:`~metacore.core.flat.FlatBuffer`: one fused copy each), so the learning rate's dot product and the two norms
+  are one kernel each over the whole model rather than one per parameter tensor; momentum and weight decay work on
+  the buffers' per-tensor views with fused ``torch._foreach_*`` passes. Everything stays on the parameters' device.
+  The learning rate is a 0-dim tensor throughout; it is handed to the optimizer as a tensor on CUDA where the optimizer takes one
   without a host read-back (``Adam``/``AdamW`` with ``capturable=True`` or ``fused=True``), else as a float (on a CPU a
   float costs nothing). Diagnostics are tensors, read back only at logging intervals.
 * ``signal=val``: every ``val_every`` steps the gradient of a validation batch replaces the training gradient in
@@ -27,6 +30,7 @@ from typing import Any, Mapping
 from metacore.controllers import hypergrad_math as hm
 from metacore.core.controller import Controller, StepContext
 from metacore.core.errors import ControllerError, UsageError
+from metacore.core.flat import FlatBuffer
 from metacore.core.hookspecs import hookimpl
 from metacore.core.hparams import HParamSpace
 from metacore.core.options import OptionSpec
@@ -93,7 +97,11 @@ class HypergradController(Controller):
         self.family = ""
         self._bound = False
         self._params: list[list[Any]] = []  # per optimizer group
-        self._prev: list[list[Any]] = []  # θ before the last step (then D, transiently)
+        self._flat_params: list[Any] = []  # the same, in one list
+        self._bounds: list[tuple[int, int]] = []  # each group's [start, stop) in the flat list
+        self._prev = None  # FlatBuffer: θ before the last step (then D, transiently)
+        self._prev_groups: list[list[Any]] = []  # its views, per group
+        self._grad = None  # FlatBuffer: the gradient of this step
         self._mom: list[list[Any]] | None = None  # momentum buffer / first moment before the last step
         self._had_buf = False  # SGD: the last step had a momentum buffer already
         self._have_prev = False
@@ -141,7 +149,7 @@ class HypergradController(Controller):
         return {
             "values": {role: self._to_plain(v) for role, v in self.values.items()},
             "have_prev": self._have_prev, "had_buf": self._had_buf, "count": self._count,
-            "prev": [t for group in self._prev for t in group],
+            "prev": list(self._prev.views) if self._prev is not None else [],
             "mom": [t for group in self._mom for t in group] if self._mom is not None else [],
             "diag": {k: self._to_plain(v) for k, v in self._diag.items()},
             "theta_norm": self._to_plain(self._theta_norm) if self._theta_norm is not None else None,
@@ -165,11 +173,11 @@ class HypergradController(Controller):
 
     def _load_buffers(self, state: Mapping[str, Any]) -> None:
         prev, mom = list(state.get("prev", [])), list(state.get("mom", []))
-        flat = [p for group in self._params for p in group]
+        flat = self._flat_params
         if self._have_prev and len(prev) != len(flat):
             raise ControllerError(f"hypergrad state holds {len(prev)} parameter buffers, the model has {len(flat)}")
         if len(prev) == len(flat):
-            for dst, src in zip([t for g in self._prev for t in g], prev, strict=True):
+            for dst, src in zip(self._prev.views, prev, strict=True):
                 dst.copy_(src)
         if self._mom is not None and len(mom) == len(flat):
             for dst, src in zip([t for g in self._mom for t in g], mom, strict=True):
@@ -182,7 +190,14 @@ class HypergradController(Controller):
         opt = ctx.optimizer
         self.family = _family(opt)
         self._params = [[p for p in g["params"] if p.requires_grad] for g in opt.param_groups]
-        self._device = next((p.device for g in self._params for p in g), torch.device("cpu"))
+        self._flat_params = [p for g in self._params for p in g]
+        self._bounds, start = [], 0
+        for g in self._params:
+            self._bounds.append((start, start + len(g)))
+            start += len(g)
+        self._device = next((p.device for p in self._flat_params), torch.device("cpu"))
+        if any(p.device != self._device for p in self._flat_params):
+            raise ControllerError("controller hypergrad: the model's parameters are on more than one device")
         for role in ("momentum", "weight_decay"):
             if role in self.names and self.family == "other":
                 raise ControllerError(f"controller hypergrad adapts {role} for torch.optim.SGD, Adam and AdamW only; "
@@ -194,7 +209,9 @@ class HypergradController(Controller):
             raise ControllerError("controller hypergrad: momentum/weight decay adaptation does not support amsgrad")
         mode = self.config["tensor_lr"]
         self._tensor_lr = mode == "on" or (mode == "auto" and self._device.type == "cuda" and _takes_tensor_lr(opt))
-        self._prev = [[torch.zeros_like(p) for p in g] for g in self._params]
+        self._prev = FlatBuffer(self._flat_params)
+        self._prev_groups = [self._prev.views[a:b] for a, b in self._bounds]
+        self._grad = FlatBuffer(self._flat_params, dtype=self._prev.flat.dtype)
         needs_mom = "momentum" in self.names or (
             "weight_decay" in self.names and self.family == "adam" and not _decoupled(opt.param_groups[0]))
         self._mom = [[torch.zeros_like(p) for p in g] for g in self._params] if needs_mom else None
@@ -237,7 +254,7 @@ class HypergradController(Controller):
     def _with_grads(self, grad_of) -> tuple[list, list, list]:
         """Per group: parameters that have a gradient this step, their gradients, their ``prev`` buffers."""
         params, grads, prevs = [], [], []
-        for group, prev in zip(self._params, self._prev, strict=True):
+        for group, prev in zip(self._params, self._prev_groups, strict=True):
             ps, gs, bs = [], [], []
             for p, b in zip(group, prev, strict=True):
                 g = grad_of(p)
@@ -254,40 +271,51 @@ class HypergradController(Controller):
         import torch
 
         opt = ctx.optimizer
-        params, grads, prevs = self._with_grads(grad_of or (lambda p: p.grad))
-        flat_g = [g for gs in grads for g in gs]
+        grad_of = grad_of or (lambda p: p.grad)
         if self._have_prev:
-            g_norm = hm.norm(flat_g)
+            g = self._flat_gradient([grad_of(p) for p in self._flat_params])
+            g_norm = torch.linalg.vector_norm(g)
             out: dict[str, tuple[Any, Any]] = {}
             # derivatives that need θ_s (still in prev) come first
-            if "weight_decay" in self.names:
-                out["weight_decay"] = self._wd_hypergrad(opt, params, grads, prevs, g_norm)
-            if "momentum" in self.names:
-                out["momentum"] = self._momentum_hypergrad(opt, params, grads, g_norm)
-            # learning rate: D = θ_s - θ_t, ∂f/∂α = -g·D/α
+            if "weight_decay" in self.names or "momentum" in self.names:
+                params, grads, prevs = self._with_grads(grad_of)
+                if "weight_decay" in self.names:
+                    out["weight_decay"] = self._wd_hypergrad(opt, params, grads, prevs, g_norm)
+                if "momentum" in self.names:
+                    out["momentum"] = self._momentum_hypergrad(opt, params, grads, g_norm)
+            # learning rate: D = θ_s - θ_t, ∂f/∂α = -g·D/α (a parameter without a gradient has g = 0 here)
+            d = self._prev.sub_(self._flat_params).flat
             h_lr = torch.zeros((), device=self._device, dtype=torch.float64)
-            gd_total = torch.zeros((), device=self._device, dtype=torch.float64)
-            d_sq = torch.zeros((), device=self._device, dtype=torch.float64)
-            for group, ps, gs, bs in zip(opt.param_groups, params, grads, prevs, strict=True):
-                if not ps:
+            gd_total = torch.zeros_like(h_lr)
+            for group, (a, b) in zip(opt.param_groups, self._bounds, strict=True):
+                if a == b:
                     continue
-                torch._foreach_sub_(bs, ps)
-                gd = hm.dot(gs, bs).double()
+                gd = torch.dot(self._grad.segment(a, b), self._prev.segment(a, b)).double()
                 h_lr = h_lr - gd / group["lr"]
                 gd_total = gd_total + gd
-                d_sq = d_sq + hm.norm(bs).double() ** 2
-            out["lr"] = (h_lr, hm.cosine(-gd_total, g_norm.double(), d_sq.sqrt()))
+            d_norm = torch.linalg.vector_norm(d).double()
+            out["lr"] = (h_lr, hm.cosine(-gd_total, g_norm.double(), d_norm))
             for role in self.names:
                 self._apply_update(role, *out[role])
-            self._trust_bound(opt, d_sq.sqrt())
-        self._capture(opt, params)
+            self._trust_bound(opt, d_norm)
+        self._capture(opt)
 
-    def _capture(self, opt: Any, params: list[list[Any]]) -> None:
-        """Keep θ before this step (and the momentum state before it, when momentum is adapted)."""
+    def _flat_gradient(self, grads: list[Any]) -> Any:
+        """This step's gradient in the flat buffer (zeros where a parameter has none)."""
         import torch
 
-        all_params = [p for g in self._params for p in g]
-        torch._foreach_copy_([b for g in self._prev for b in g], all_params)
+        if all(g is not None for g in grads):
+            return self._grad.copy_(grads).flat
+        self._grad.flat.zero_()
+        pairs = [(v, g) for v, g in zip(self._grad.views, grads, strict=True) if g is not None]
+        if pairs:
+            torch._foreach_copy_([v for v, _ in pairs], [g for _, g in pairs])
+        return self._grad.flat
+
+    def _capture(self, opt: Any) -> None:
+        """Keep θ before this step (and the momentum state before it, when momentum is adapted)."""
+        all_params = self._flat_params
+        self._prev.copy_(all_params)
         if self._mom is not None:
             key = "momentum_buffer" if self.family == "sgd" else "exp_avg"
             had = True

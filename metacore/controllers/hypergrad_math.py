@@ -73,7 +73,17 @@ def dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> torch.Tensor:
 
     if not a:
         return torch.zeros(())
-    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b, strict=True)]).sum()
+    return torch.stack([torch.dot(*_same_dtype(x.reshape(-1), y.reshape(-1))) for x, y in zip(a, b, strict=True)]).sum()
+
+
+def _same_dtype(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.dot`` wants one dtype: a half-precision gradient meets a float32 flat-buffer view."""
+    import torch
+
+    if x.dtype == y.dtype:
+        return x, y
+    dtype = torch.promote_types(x.dtype, y.dtype)
+    return x.to(dtype), y.to(dtype)
 
 
 def norm(a: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -175,7 +175,8 @@ class Trainer:
     def _train_step(self) -> None:
         model, opt = self.model, self.optimizer
         batch = self.task.train_batch(self.data, self._next_indices(self.hparams.get("batch_size", 32)), self.ctx)
-        model.train()
+        if not model.training:  # evaluation switches to eval and back; a per-step train() walks every module
+            model.train()
         opt.zero_grad(set_to_none=True)
         loss = self.task.loss(model, batch)
         loss.backward()
@@ -404,5 +405,17 @@ def _to_float(value: Any) -> float:
 
 
 def _clone(obj: Any) -> Any:
-    """Deep copy of a state dict, tensors cloned on their device (a snapshot, not a checkpoint)."""
+    """Deep copy of a state dict, tensors cloned on their device (a snapshot, not a checkpoint). Walks dicts, lists
+    and tuples itself: ``copy.deepcopy`` costs far more Python per tensor, and this runs every logging interval."""
+    if hasattr(obj, "detach") and hasattr(obj, "clone"):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        out = type(obj)((k, _clone(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module's state dict carries its version metadata
+            out._metadata = copy.deepcopy(obj._metadata)
+        return out
+    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
+        return type(obj)(_clone(v) for v in obj)
+    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
+        return obj
     return copy.deepcopy(obj)

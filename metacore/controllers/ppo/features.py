@@ -4,9 +4,10 @@ The same :class:`FeatureTracker` computes the observation in both places, so a p
 exactly what it will see inside ``metacore run``. Every feature is scale-free (ratios in log space, cosines,
 fractions) and clipped to ``[-CLIP, CLIP]``, so tasks with different losses, metrics and learning rates are comparable.
 
-Gradient statistics are collected between ``backward()`` and ``optimizer.step()`` with one parameter-sized buffer (the
-previous gradient): per step one fused norm and one dot product per parameter tensor, accumulated on the device and
-read back only at decision steps, so the overhead is a few percent of a step at most and no per-step host sync.
+Gradient statistics are collected between ``backward()`` and ``optimizer.step()`` in two flat parameter-sized buffers
+(this step's gradient and the previous one, :class:`~metacore.core.flat.FlatBuffer`): per step one fused copy and two
+dot products over the whole model, accumulated on the device and read back only at decision steps, so there is no
+per-step host sync.
 """
 
 from __future__ import annotations
@@ -62,33 +63,48 @@ class GradStats:
     """Per-interval gradient statistics on the device: norm mean and variance, cosine of consecutive gradients."""
 
     def __init__(self) -> None:
-        self.prev: list[Any] | None = None  # the one buffer: the previous step's gradient
+        self._bufs: list[Any] = []  # two FlatBuffers: this step's gradient and the previous one
         self.acc = None  # [sum norm, sum norm^2, sum cos, n steps, n cos]
-        self._prev_sq = None
+        self._prev_sq = None  # squared norm of the previous gradient; None: no previous gradient
+
+    @property
+    def prev(self) -> list[Any] | None:
+        """The previous step's gradient, per tensor (views of a flat buffer), or None."""
+        return list(self._bufs[1].views) if self._bufs and self._prev_sq is not None else None
+
+    def set_prev(self, tensors: Sequence[Any], sq: Any) -> None:
+        self._ensure(tensors)
+        self._bufs[1].copy_(tensors)
+        self._prev_sq = sq
+
+    def _ensure(self, like: Sequence[Any]) -> None:
+        from metacore.core.flat import FlatBuffer
+
+        views = self._bufs[0].views if self._bufs else []
+        if len(views) != len(like) or any(v.shape != t.shape for v, t in zip(views, like, strict=True)):
+            self._bufs = [FlatBuffer(like), FlatBuffer(like)]
+            self._prev_sq = None
 
     def observe(self, grads: Sequence[Any]) -> None:
         import torch
 
+        grads = list(grads)
         if not grads:
             return
-        norms = torch._foreach_norm(list(grads))
-        sq = torch.stack([n.float() for n in norms]).pow(2).sum()
+        self._ensure(grads)
+        cur, prev = self._bufs
+        g = cur.copy_(grads).flat
+        sq = torch.dot(g, g)
         norm = sq.sqrt()
         if self.acc is None or self.acc.device != norm.device:
             self.acc = torch.zeros(5, device=norm.device)
-        fresh = self.prev is None or len(self.prev) != len(grads) or any(
-            p.shape != g.shape for p, g in zip(self.prev, grads, strict=True))
-        if fresh:
-            self.prev = [g.detach().clone() for g in grads]
-        else:
-            dot = torch.stack([torch.dot(g.reshape(-1).float(), p.reshape(-1).float())
-                               for g, p in zip(grads, self.prev, strict=True)]).sum()
-            cos = dot / (norm * self._prev_sq.sqrt()).clamp_min(1e-12)
-            self.acc[2] += torch.nan_to_num(cos.detach(), nan=0.0)
+        if self._prev_sq is not None:
+            cos = torch.dot(g, prev.flat) / (norm * self._prev_sq.sqrt()).clamp_min(1e-12)
+            self.acc[2] += torch.nan_to_num(cos.float(), nan=0.0)
             self.acc[4] += 1
-            torch._foreach_copy_(self.prev, [g.detach() for g in grads])
-        self._prev_sq = sq.detach()
-        norm = torch.nan_to_num(norm.detach(), nan=0.0, posinf=0.0)
+        self._bufs = [prev, cur]
+        self._prev_sq = sq
+        norm = torch.nan_to_num(norm.float(), nan=0.0, posinf=0.0)
         self.acc[0] += norm
         self.acc[1] += norm * norm
         self.acc[3] += 1
@@ -177,5 +193,4 @@ class FeatureTracker:
         if "grad_acc" in state:
             self.grads.acc = state["grad_acc"].clone()
         if "grad_prev" in state:
-            self.grads.prev = [t.clone() for t in state["grad_prev"]]
-            self.grads._prev_sq = state["grad_prev_sq"].clone()
+            self.grads.set_prev(state["grad_prev"], state["grad_prev_sq"].clone())
