@@ -35,6 +35,9 @@ def add_parser(sub: Any) -> None:
                      "also MLFLOW_TRACKING_URI)")
     run.add_argument("--experiment", help="MLflow experiment (default: the task name)")
     run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    run.add_argument("--precision", default="auto", choices=("auto", "fp32"),
+                     help="auto: bf16 autocast on CUDA for tasks that declare it safe (default); fp32: never")
+    run.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPU fast path)")
     run.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints (default: the preset's)")
     run.add_argument("--checkpoint-dir", help="where checkpoints go (default mlflow_runs/checkpoints/<run_id>/)")
     run.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run (its parent run id) from its "
@@ -94,7 +97,8 @@ def _request(args: argparse.Namespace, registry: Any) -> Any:
         sets=parse_assignments(args.sets, "--set"),
         controller_sets=parse_assignments(args.controller_sets, "--controller-set"),
         data_dir=args.data_dir, tracking_uri=args.tracking_uri, experiment=args.experiment, device=args.device,
-        checkpoint_interval=args.checkpoint_interval, checkpoint_dir=args.checkpoint_dir)
+        checkpoint_interval=args.checkpoint_interval, checkpoint_dir=args.checkpoint_dir,
+        precision=args.precision, compile=args.compile)
 
 
 class _StopOnSignal:

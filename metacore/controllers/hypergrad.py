@@ -479,9 +479,12 @@ def _decoupled(group: Mapping[str, Any]) -> bool:
 
 
 def _takes_tensor_lr(opt: Any) -> bool:
-    """torch 2.14's SGD turns a tensor lr into a Python number inside ``step()`` (``alpha=-lr``: a host sync);
-    Adam/AdamW take a device tensor without a read-back when ``capturable`` or ``fused``."""
-    return _family(opt) == "adam" and all(g.get("capturable") or g.get("fused") for g in opt.param_groups)
+    """torch 2.14's foreach/for-loop SGD turns a tensor lr into a Python number inside ``step()`` (``alpha=-lr``: a
+    host sync); fused SGD, and Adam/AdamW when ``capturable`` or ``fused``, take a device tensor without a read-back."""
+    family = _family(opt)
+    if family == "sgd":
+        return all(g.get("fused") for g in opt.param_groups)
+    return family == "adam" and all(g.get("capturable") or g.get("fused") for g in opt.param_groups)
 
 
 def _plain_or_tensor(value: Any) -> Any:

@@ -19,6 +19,7 @@ from metacore.core.task import Preset, Task, TaskContext, TaskData
 from metacore.core.tracking import MlflowTracker, Tracker, default_tracking_uri
 
 CHECKPOINT_ROOT = Path("mlflow_runs") / "checkpoints"
+PRECISIONS = ("auto", "fp32")
 
 
 @dataclass
@@ -39,6 +40,8 @@ class RunRequest:
     device: str = "auto"
     checkpoint_interval: int | None = None
     checkpoint_dir: str | None = None
+    precision: str = "auto"  # auto: bf16 autocast on CUDA where the task declares it safe; fp32: never
+    compile: bool = False  # torch.compile the model for training
 
 
 @dataclass
@@ -72,6 +75,8 @@ def plan_run(request: RunRequest, registry: Registry | None = None) -> Plan:
         )
     hparams = space.resolve(hp_given)
     options = task.resolve_options(preset, opt_given)
+    if request.precision not in PRECISIONS:
+        raise UsageError(f"--precision must be one of {', '.join(PRECISIONS)}, got {request.precision!r}")
     if request.steps is not None and request.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {request.steps}")
     if request.epochs is not None and not request.epochs > 0:
@@ -215,6 +220,7 @@ def _common_params(plan: Plan) -> dict[str, Any]:
     from metacore import __version__
 
     return {"task": plan.task.name, "preset": plan.preset.name, "device": plan.device,
+            "precision": plan.request.precision, "compile": plan.request.compile,
             "metacore.version": __version__, "git.commit": git_commit(),
             **{f"option.{k}": v for k, v in plan.options.items()},
             **{f"hparam.{k}": v for k, v in plan.hparams.items()}}
@@ -247,7 +253,7 @@ def _run_one(plan: Plan, tracker: Tracker, experiment: str, parent_id: str, ctx:
     interval = plan.request.checkpoint_interval
     cfg = TrainerConfig(budget=budget, log_interval=plan.preset.log_interval, eval_interval=plan.preset.eval_interval,
                         checkpoint_interval=plan.preset.checkpoint_interval if interval is None else interval,
-                        checkpoint_dir=ckpt_dir)
+                        checkpoint_dir=ckpt_dir, precision=plan.request.precision, compile=plan.request.compile)
     on_log = progress.start(f"{name} seed {seed}", budget) if progress else None
     run_status = "FAILED"
     try:

@@ -43,6 +43,11 @@ class TaskContext:
     data_dir: Path | None = None
     hparams: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def on_cuda(self) -> bool:
+        """The run is on a CUDA device: tasks switch on their GPU fast path (fused optimizers, channels_last)."""
+        return str(self.device).startswith("cuda")
+
 
 @dataclass
 class TaskData:
@@ -71,6 +76,9 @@ class Task:
     metrics: ClassVar[dict[str, str]] = {"accuracy": "max"}  # metric name -> "max" | "min"
     default_baseline: ClassVar[str] = "static"
     eval_batch_size: ClassVar[int] = 512
+    # the model trains and evaluates correctly under bf16 autocast: on CUDA (``--precision auto``) the trainer runs the
+    # loss and evaluation in ``torch.autocast(dtype=bfloat16)``; weights, optimizer state and the loss stay float32
+    bf16_autocast: ClassVar[bool] = False
 
     # --- declarations -------------------------------------------------------------------------------------------
     def hparam_space(self) -> HParamSpace:

@@ -9,6 +9,7 @@ in-memory snapshot, halves the learning rate and records the event, and repeated
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -46,6 +47,8 @@ class TrainerConfig:
     max_rollbacks: int = 5
     explode_factor: float = 1e3  # a logged mean loss this many times the first one counts as divergence
     lr_name: str = "lr"
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA when the task declares it safe; "fp32": never
+    compile: bool = False  # train through torch.compile(model); state dicts and evaluation use the model itself
 
 
 @dataclass
@@ -101,6 +104,9 @@ class Trainer:
         self.model = self.task.build_model(self.data, self.ctx).to(self.ctx.device)
         self.optimizer = self.task.build_optimizer(self.model, self.hparams, self.ctx)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
+        self._train_model = torch.compile(self.model) if self.config.compile else self.model
+        self._bf16 = (self.config.precision == "auto" and self.task.bf16_autocast
+                      and str(self.ctx.device).startswith("cuda") and torch.cuda.is_bf16_supported())
         self._apply(self.hparams)
         self.controller.reset(dict(self.hparams), seed, self.space, self.config.budget)
         self._observer = isinstance(self.controller, GradientObserver)
@@ -178,7 +184,8 @@ class Trainer:
         if not model.training:  # evaluation switches to eval and back; a per-step train() walks every module
             model.train()
         opt.zero_grad(set_to_none=True)
-        loss = self.task.loss(model, batch)
+        with self._autocast():
+            loss = self.task.loss(self._train_model, batch)
         loss.backward()
         step_ctx = None
         if self._observer:
@@ -220,10 +227,19 @@ class Trainer:
         batch = tuple(t[idx].to(self.ctx.device, non_blocking=True) for t in val)
         was_training = self.model.training
         self.model.eval()
-        loss = self.task.loss(self.model, batch)
+        with self._autocast():
+            loss = self.task.loss(self.model, batch)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         self.model.train(was_training)
         return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+    def _autocast(self):
+        """bf16 autocast on CUDA for tasks that declare it safe (``precision="auto"``), else nothing."""
+        if not self._bf16:
+            return contextlib.nullcontext()
+        import torch
+
+        return torch.autocast("cuda", dtype=torch.bfloat16)
 
     def _apply(self, changes: Mapping[str, Any]) -> None:
         """Write hyperparameters where they act: every optimizer param group, the model, or the data pipeline."""
@@ -270,7 +286,7 @@ class Trainer:
         import torch
 
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
             metrics = self.task.evaluate(self.model, self.data, split, self.ctx)
         self.model.train()
         if split == "val":

@@ -117,7 +117,7 @@ class ElectricityTask(Task):
         import torch
 
         return torch.optim.Adam(model.parameters(), lr=hparams["lr"], betas=(hparams["beta1"], 0.999),
-                                weight_decay=hparams["weight_decay"])
+                                weight_decay=hparams["weight_decay"], fused=ctx.on_cuda or None)
 
     def loss(self, model, batch: tuple):
         import torch.nn.functional as F

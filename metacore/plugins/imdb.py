@@ -37,6 +37,7 @@ class ImdbTask(Task):
     """IMDB sentiment, BERT-family encoder with a classification head, AdamW."""
 
     name = "imdb"
+    bf16_autocast = True
     description = "IMDB reviews, BERT base uncased (small: bundled MiniLM), AdamW lr 2e-5, linear warmup baseline"
     primary_metric = "accuracy"
     metrics = {"accuracy": "max", "f1_macro": "max"}
@@ -137,7 +138,7 @@ class ImdbTask(Task):
         import torch
 
         return torch.optim.AdamW(model.parameters(), lr=hparams["lr"], betas=(hparams["beta1"], 0.999),
-                                 weight_decay=hparams["weight_decay"])
+                                 weight_decay=hparams["weight_decay"], fused=ctx.on_cuda or None)
 
 
 # ---------------------------------------------------------------------------------------------------- data helpers
