@@ -113,11 +113,12 @@ class Setup:
 
         return TaskContext(self.preset, dict(self.options), 0, self.device, self.data_dir, dict(self.hparams))
 
-    def trainer(self, controller_name: str, budget: int, tracker: Any = None, run_id: str | None = None):
+    def trainer(self, controller_name: str, budget: int, tracker: Any = None, run_id: str | None = None,
+                **config: Any):
         from metacore.core.trainer import Trainer, TrainerConfig
 
         controller = self.registry.controller(controller_name).obj()
-        cfg = TrainerConfig(budget=budget, log_interval=self.preset.log_interval, eval_interval=10**9)
+        cfg = TrainerConfig(budget=budget, log_interval=self.preset.log_interval, eval_interval=10**9, **config)
         return Trainer(self.task, controller, self.context(), self.hparams, cfg, data=self.data, tracker=tracker,
                        run_id=run_id)
 
@@ -248,6 +249,22 @@ def measure_framework(setup: Setup, steps: int, reps: int, warmup: int, quiet: b
     }
 
 
+def measure_cli_startup(reps: int = 5) -> dict[str, Any]:
+    """Wall seconds of ``metacore --help`` and ``metacore list`` in fresh processes (median and max of ``reps``)."""
+    import subprocess
+
+    out: dict[str, Any] = {}
+    for args in (["--help"], ["list"]):
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "metacore", *args], cwd=REPO, capture_output=True, check=True)
+            times.append(time.perf_counter() - start)
+        out["metacore " + " ".join(args)] = {"median_s": round(statistics.median(times), 3),
+                                             "max_s": round(max(times), 3), "reps": reps}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- machine
 def machine(device: str) -> dict[str, Any]:
     import torch
@@ -294,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"framework: plain loop vs metacore vs metacore+mlflow on {args.task} ({args.preset}), "
              f"{args.reps} x {args.steps} steps", args.json)
         result["framework"] = measure_framework(setup, args.steps, args.reps, args.warmup, quiet=args.json)
+        result["framework"]["cli_startup"] = measure_cli_startup()
     if "controllers" not in skip:
         _log(f"controllers vs static on {args.task} ({args.preset}), {args.reps} x {args.steps} steps", args.json)
         section = measure_controllers(setup, [c for c in (args.controllers or "").split(",") if c] or None,
@@ -306,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(text)
     else:
+        for command, r in result["framework"].get("cli_startup", {}).items():
+            print(f"{command:>24}: {r['median_s']:.3f} s (max {r['max_s']:.3f} s)")
         for key, r in result["framework"].items():
-            if isinstance(r, dict):
+            if isinstance(r, dict) and "step_time_ratio" in r:
                 print(f"{key:>24}: x{r['step_time_ratio']:.3f} ({r['ratio_min']:.3f}-{r['ratio_max']:.3f}; "
                       f"{r['step_ms']:.1f} vs {r['reference_step_ms']:.1f} ms; CPU-time ratio x{r['cpu_ratio']:.3f})")
         for name, r in result["controllers"].items():

@@ -1,0 +1,43 @@
+"""The benchmark scripts run end to end (tiny sizes, CPU); their numbers are reported, never asserted."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_mode_runs_end_to_end(tmp_path, data_dir):
+    env = {**os.environ, "PYTHON": sys.executable, "METACORE_DATA_DIR": str(data_dir)}
+    env.pop("OUT", None)
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry", "--out", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["dry"] is True and result["machine"]["device"] == "cpu"
+    for section, unit in (("cifar10", "images_per_s"), ("imdb", "sequences_per_s")):
+        rows = result[section]["rows"]
+        assert set(rows) == {"static fp32", "static", "hypergrad"}
+        assert all(row[unit] > 0 and row["step_ms"] > 0 for row in rows.values())
+    assert "static fp32" in proc.stdout and "vs fp32" in proc.stdout  # the table
+
+
+def test_overhead_json_reports_framework_and_every_controller(tmp_path):
+    out = tmp_path / "overhead.json"
+    proc = subprocess.run([sys.executable, "benchmarks/overhead.py", "--task", "digits", "--preset", "smoke",
+                           "--reps", "2", "--steps", "2", "--warmup", "1", "--json", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result == json.loads(out.read_text())
+    for key in ("metacore_vs_plain_loop", "tracking_overhead"):
+        assert result["framework"][key]["step_time_ratio"] > 0
+    assert result["framework"]["tracking_overhead"]["train_loss_points_logged"] > 0
+    from metacore.core.registry import load_registry
+
+    expected = {n for n in load_registry().controllers if n != "static"}
+    assert set(result["controllers"]) == expected
+    assert all("step_time_ratio" in r for r in result["controllers"].values())
+    assert "cli_startup" in result["framework"]
