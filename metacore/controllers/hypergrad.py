@@ -30,7 +30,7 @@ from typing import Any, Mapping
 from metacore.controllers import hypergrad_math as hm
 from metacore.core.controller import Controller, StepContext
 from metacore.core.errors import ControllerError, UsageError
-from metacore.core.flat import FlatBuffer
+from metacore.core.flat import FlatBuffer, flat_rows
 from metacore.core.hookspecs import hookimpl
 from metacore.core.hparams import HParamSpace
 from metacore.core.options import OptionSpec
@@ -102,6 +102,7 @@ class HypergradController(Controller):
         self._prev = None  # FlatBuffer: θ before the last step (then D, transiently)
         self._prev_groups: list[list[Any]] = []  # its views, per group
         self._grad = None  # FlatBuffer: the gradient of this step
+        self._pair = None  # the (2, N) tensor behind _grad and _prev
         self._mom: list[list[Any]] | None = None  # momentum buffer / first moment before the last step
         self._had_buf = False  # SGD: the last step had a momentum buffer already
         self._have_prev = False
@@ -209,9 +210,10 @@ class HypergradController(Controller):
             raise ControllerError("controller hypergrad: momentum/weight decay adaptation does not support amsgrad")
         mode = self.config["tensor_lr"]
         self._tensor_lr = mode == "on" or (mode == "auto" and self._device.type == "cuda" and _takes_tensor_lr(opt))
-        self._prev = FlatBuffer(self._flat_params)
+        self._pair = flat_rows(self._flat_params, 2)  # row 0: the gradient, row 1: θ before the step, then D
+        self._grad = FlatBuffer(self._flat_params, flat=self._pair[0])
+        self._prev = FlatBuffer(self._flat_params, flat=self._pair[1])
         self._prev_groups = [self._prev.views[a:b] for a, b in self._bounds]
-        self._grad = FlatBuffer(self._flat_params, dtype=self._prev.flat.dtype)
         needs_mom = "momentum" in self.names or (
             "weight_decay" in self.names and self.family == "adam" and not _decoupled(opt.param_groups[0]))
         self._mom = [[torch.zeros_like(p) for p in g] for g in self._params] if needs_mom else None
@@ -273,8 +275,9 @@ class HypergradController(Controller):
         opt = ctx.optimizer
         grad_of = grad_of or (lambda p: p.grad)
         if self._have_prev:
-            g = self._flat_gradient([grad_of(p) for p in self._flat_params])
-            g_norm = torch.linalg.vector_norm(g)
+            self._flat_gradient([grad_of(p) for p in self._flat_params])
+            # the derivatives that need θ_s (still in prev) come first; they need ‖g‖ alone
+            g_norm = torch.linalg.vector_norm(self._grad.flat) if len(self.names) > 1 else None
             out: dict[str, tuple[Any, Any]] = {}
             # derivatives that need θ_s (still in prev) come first
             if "weight_decay" in self.names or "momentum" in self.names:
@@ -283,18 +286,21 @@ class HypergradController(Controller):
                     out["weight_decay"] = self._wd_hypergrad(opt, params, grads, prevs, g_norm)
                 if "momentum" in self.names:
                     out["momentum"] = self._momentum_hypergrad(opt, params, grads, g_norm)
-            # learning rate: D = θ_s - θ_t, ∂f/∂α = -g·D/α (a parameter without a gradient has g = 0 here)
-            d = self._prev.sub_(self._flat_params).flat
+            # learning rate: D = θ_s - θ_t, ∂f/∂α = -g·D/α (a parameter without a gradient has g = 0 here).
+            # [g; D] is one (2, N) tensor: per group, one matrix product gives g·g, g·D and D·D in a single pass.
+            self._prev.sub_(self._flat_params)
             h_lr = torch.zeros((), device=self._device, dtype=torch.float64)
-            gd_total = torch.zeros_like(h_lr)
+            gram = torch.zeros((2, 2), device=self._device, dtype=torch.float64)
             for group, (a, b) in zip(opt.param_groups, self._bounds, strict=True):
                 if a == b:
                     continue
-                gd = torch.dot(self._grad.segment(a, b), self._prev.segment(a, b)).double()
-                h_lr = h_lr - gd / group["lr"]
-                gd_total = gd_total + gd
-            d_norm = torch.linalg.vector_norm(d).double()
-            out["lr"] = (h_lr, hm.cosine(-gd_total, g_norm.double(), d_norm))
+                rows = self._pair[:, self._grad.offsets[a] : self._grad.offsets[b]]
+                g_gram = (rows @ rows.T).double()
+                h_lr = h_lr - g_gram[0, 1] / group["lr"]
+                gram = gram + g_gram
+            d_norm = gram[1, 1].clamp_min(0).sqrt()
+            g_norm = gram[0, 0].clamp_min(0).sqrt()
+            out["lr"] = (h_lr, hm.cosine(-gram[0, 1], g_norm, d_norm))
             for role in self.names:
                 self._apply_update(role, *out[role])
             self._trust_bound(opt, d_norm)

@@ -18,22 +18,43 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 
-class FlatBuffer:
-    """A zero-initialised flat copy of the shapes of ``like``, with one view per tensor."""
+def flat_dtype(like: Sequence[torch.Tensor]) -> Any:
+    """The dtype a flat mirror of ``like`` uses: float32, or wider when a tensor is wider."""
+    import torch
 
-    def __init__(self, like: Sequence[torch.Tensor], dtype: Any = None) -> None:
+    dtype = torch.float32
+    for t in like:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def flat_rows(like: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
+    """A zero ``(rows, numel)`` tensor whose rows can each back a :class:`FlatBuffer` of ``like``: statistics of
+    several mirrors then come from one matrix product (``rows @ rows.T``: every dot product in one pass)."""
+    import torch
+
+    like = list(like)
+    device = like[0].device if like else torch.device("cpu")
+    return torch.zeros(rows, sum(t.numel() for t in like), dtype=flat_dtype(like), device=device)
+
+
+class FlatBuffer:
+    """A zero-initialised flat copy of the shapes of ``like``, with one view per tensor (in ``flat`` when given: a
+    1-D tensor of the right size, e.g. a row of :func:`flat_rows`)."""
+
+    def __init__(self, like: Sequence[torch.Tensor], dtype: Any = None, flat: torch.Tensor | None = None) -> None:
         import torch
 
         like = list(like)
-        self.device = like[0].device if like else torch.device("cpu")
-        if dtype is None:
-            dtype = torch.float32
-            for t in like:
-                dtype = torch.promote_types(dtype, t.dtype)
         self.offsets = [0]
         for t in like:
             self.offsets.append(self.offsets[-1] + t.numel())
-        self.flat = torch.zeros(self.offsets[-1], dtype=dtype, device=self.device)
+        if flat is None:
+            device = like[0].device if like else torch.device("cpu")
+            flat = torch.zeros(self.offsets[-1], dtype=dtype or flat_dtype(like), device=device)
+        if flat.dim() != 1 or flat.numel() != self.offsets[-1]:
+            raise ValueError(f"flat buffer of {flat.numel()} elements for tensors of {self.offsets[-1]}")
+        self.flat, self.device = flat, flat.device
         self.views = [self.flat[a:b].view(t.shape) for a, b, t in zip(self.offsets, self.offsets[1:], like)]
 
     def __len__(self) -> int:

@@ -5,9 +5,9 @@ exactly what it will see inside ``metacore run``. Every feature is scale-free (r
 fractions) and clipped to ``[-CLIP, CLIP]``, so tasks with different losses, metrics and learning rates are comparable.
 
 Gradient statistics are collected between ``backward()`` and ``optimizer.step()`` in two flat parameter-sized buffers
-(this step's gradient and the previous one, :class:`~metacore.core.flat.FlatBuffer`): per step one fused copy and two
-dot products over the whole model, accumulated on the device and read back only at decision steps, so there is no
-per-step host sync.
+(this step's gradient and the previous one, rows of one ``(2, N)`` tensor, :mod:`metacore.core.flat`): per step one
+fused copy and one ``(2, N) @ (N, 2)`` product that gives the norm and the dot product in one pass, accumulated on the
+device and read back only at decision steps, so there is no per-step host sync.
 """
 
 from __future__ import annotations
@@ -63,27 +63,30 @@ class GradStats:
     """Per-interval gradient statistics on the device: norm mean and variance, cosine of consecutive gradients."""
 
     def __init__(self) -> None:
-        self._bufs: list[Any] = []  # two FlatBuffers: this step's gradient and the previous one
+        self._pair = None  # (2, N): this step's gradient and the previous one, in alternating rows
+        self._bufs: list[Any] = []  # a FlatBuffer over each row
+        self._cur = 0  # the row the next gradient goes to
         self.acc = None  # [sum norm, sum norm^2, sum cos, n steps, n cos]
         self._prev_sq = None  # squared norm of the previous gradient; None: no previous gradient
 
     @property
     def prev(self) -> list[Any] | None:
         """The previous step's gradient, per tensor (views of a flat buffer), or None."""
-        return list(self._bufs[1].views) if self._bufs and self._prev_sq is not None else None
+        return list(self._bufs[1 - self._cur].views) if self._bufs and self._prev_sq is not None else None
 
     def set_prev(self, tensors: Sequence[Any], sq: Any) -> None:
         self._ensure(tensors)
-        self._bufs[1].copy_(tensors)
+        self._bufs[1 - self._cur].copy_(tensors)
         self._prev_sq = sq
 
     def _ensure(self, like: Sequence[Any]) -> None:
-        from metacore.core.flat import FlatBuffer
+        from metacore.core.flat import FlatBuffer, flat_rows
 
         views = self._bufs[0].views if self._bufs else []
         if len(views) != len(like) or any(v.shape != t.shape for v, t in zip(views, like, strict=True)):
-            self._bufs = [FlatBuffer(like), FlatBuffer(like)]
-            self._prev_sq = None
+            self._pair = flat_rows(like, 2)
+            self._bufs = [FlatBuffer(like, flat=row) for row in self._pair]
+            self._cur, self._prev_sq = 0, None
 
     def observe(self, grads: Sequence[Any]) -> None:
         import torch
@@ -92,17 +95,17 @@ class GradStats:
         if not grads:
             return
         self._ensure(grads)
-        cur, prev = self._bufs
-        g = cur.copy_(grads).flat
-        sq = torch.dot(g, g)
+        self._bufs[self._cur].copy_(grads)
+        gram = self._pair @ self._pair.T  # one pass: |g|^2 and g·g_prev together
+        sq = gram[self._cur, self._cur]
         norm = sq.sqrt()
         if self.acc is None or self.acc.device != norm.device:
             self.acc = torch.zeros(5, device=norm.device)
         if self._prev_sq is not None:
-            cos = torch.dot(g, prev.flat) / (norm * self._prev_sq.sqrt()).clamp_min(1e-12)
+            cos = gram[0, 1] / (norm * self._prev_sq.sqrt()).clamp_min(1e-12)
             self.acc[2] += torch.nan_to_num(cos.float(), nan=0.0)
             self.acc[4] += 1
-        self._bufs = [prev, cur]
+        self._cur = 1 - self._cur
         self._prev_sq = sq
         norm = torch.nan_to_num(norm.float(), nan=0.0, posinf=0.0)
         self.acc[0] += norm
