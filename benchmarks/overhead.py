@@ -125,7 +125,7 @@ class Setup:
 
 class PlainLoop:
     """The loop a user would write by hand: the task's model, optimizer, batches and loss, nothing else (no logging,
-    no controller, no host sync). Same seed and data order as the Trainer."""
+    no controller, no host sync). Same initial weights as the Trainer; its own random data order."""
 
     def __init__(self, setup: Setup) -> None:
         import torch
@@ -232,8 +232,10 @@ def measure_framework(setup: Setup, steps: int, reps: int, warmup: int, quiet: b
     with tempfile.TemporaryDirectory(prefix="metacore-overhead-") as tmp:
         tracker = MlflowTracker(f"sqlite:///{tmp}/mlflow.db", artifact_root=Path(tmp) / "artifacts")
         run_id = tracker.start_run("overhead", "tracking on")
-        runners = {"plain": PlainLoop(setup).advance, "metacore": setup.trainer("static", budget).advance,
-                   "metacore+mlflow": setup.trainer("static", budget, tracker, run_id).advance}
+        # fp32 throughout: the plain loop has no autocast, so the Trainer must not use it either (on CUDA)
+        runners = {"plain": PlainLoop(setup).advance,
+                   "metacore": setup.trainer("static", budget, precision="fp32").advance,
+                   "metacore+mlflow": setup.trainer("static", budget, tracker, run_id, precision="fp32").advance}
         for advance in runners.values():
             advance(warmup)
         times = interleave(runners, steps, reps, setup.device, quiet)

@@ -406,3 +406,31 @@ def test_cli_hypergrad_smoke(cli):
     bad = cli("run", "--task", "digits", "--controller", "hypergrad", "--preset", "smoke",
               "--controller-set", "signal=sometimes")
     assert bad.returncode == 2 and "signal" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("adapt", ["weight_decay", "momentum"])
+def test_adapting_one_role_without_lr_runs_and_leaves_lr_alone(adapt):
+    ctrl = HypergradController(adapt=adapt)  # the trust bound (on by default) acts on lr only when lr is adapted
+    trainer = _digits_trainer(ctrl, 12, {"lr": 0.01, "weight_decay": 1e-3})
+    result = trainer.run()
+    assert result.hparams_final["lr"] == pytest.approx(0.01)
+    name = {"weight_decay": "weight_decay", "momentum": "momentum"}[adapt]
+    start = {"weight_decay": 1e-3, "momentum": trainer.space[name].default}[adapt]
+    assert result.hparams_final[name] != pytest.approx(start)
+
+
+def test_state_dict_holds_the_weights_copy_alone_and_survives_an_unbound_round_trip():
+    ctrl = HypergradController()
+    trainer = _digits_trainer(ctrl, 8, {"lr": 0.01})
+    trainer.advance(4)
+    state = ctrl.state_dict()
+    n = sum(p.numel() for p in trainer.params)
+    # the θ copy does not share storage with the flat gradient: a checkpoint holds n numbers for it, not 2n
+    assert state["prev"][0].untyped_storage().nbytes() == n * state["prev"][0].element_size()
+    fresh = HypergradController()
+    fresh.reset(dict(trainer.hparams), 0, trainer.space, 8)
+    fresh.load_state_dict(state)  # not bound yet: a snapshot taken now must carry the loaded buffers on
+    again = fresh.state_dict()
+    assert len(again["prev"]) == len(state["prev"])
+    for a, b in zip(again["prev"], state["prev"], strict=True):
+        assert torch.equal(a, b)

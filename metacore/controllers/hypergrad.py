@@ -30,7 +30,7 @@ from typing import Any, Mapping
 from metacore.controllers import hypergrad_math as hm
 from metacore.core.controller import Controller, StepContext
 from metacore.core.errors import ControllerError, UsageError
-from metacore.core.flat import FlatBuffer, flat_rows
+from metacore.core.flat import FlatBuffer, flat_rows, gram_matrix
 from metacore.core.hookspecs import hookimpl
 from metacore.core.hparams import HParamSpace
 from metacore.core.options import OptionSpec
@@ -147,11 +147,18 @@ class HypergradController(Controller):
 
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
+        if self._bound:
+            # views of a copy of the θ row alone: views of the buffer itself would drag the gradient row (the same
+            # storage) into every checkpoint
+            prev = list(FlatBuffer(self._flat_params, flat=self._prev.flat.clone()).views)
+            mom = [t for group in self._mom for t in group] if self._mom is not None else []
+        else:  # restored but not bound yet (no step since): hand on what was loaded
+            loaded = self._loaded or {}
+            prev, mom = list(loaded.get("prev", [])), list(loaded.get("mom", []))
         return {
             "values": {role: self._to_plain(v) for role, v in self.values.items()},
             "have_prev": self._have_prev, "had_buf": self._had_buf, "count": self._count,
-            "prev": list(self._prev.views) if self._prev is not None else [],
-            "mom": [t for group in self._mom for t in group] if self._mom is not None else [],
+            "prev": prev, "mom": mom,
             "diag": {k: self._to_plain(v) for k, v in self._diag.items()},
             "theta_norm": self._to_plain(self._theta_norm) if self._theta_norm is not None else None,
         }
@@ -277,7 +284,8 @@ class HypergradController(Controller):
         if self._have_prev:
             self._flat_gradient([grad_of(p) for p in self._flat_params])
             # the derivatives that need θ_s (still in prev) come first; they need ‖g‖ alone
-            g_norm = torch.linalg.vector_norm(self._grad.flat) if len(self.names) > 1 else None
+            needs_norm = "weight_decay" in self.names or "momentum" in self.names
+            g_norm = torch.linalg.vector_norm(self._grad.flat) if needs_norm else None
             out: dict[str, tuple[Any, Any]] = {}
             # derivatives that need θ_s (still in prev) come first
             if "weight_decay" in self.names or "momentum" in self.names:
@@ -294,8 +302,7 @@ class HypergradController(Controller):
             for group, (a, b) in zip(opt.param_groups, self._bounds, strict=True):
                 if a == b:
                     continue
-                rows = self._pair[:, self._grad.offsets[a] : self._grad.offsets[b]]
-                g_gram = (rows @ rows.T).double()
+                g_gram = gram_matrix(self._pair[:, self._grad.offsets[a] : self._grad.offsets[b]]).double()
                 h_lr = h_lr - g_gram[0, 1] / group["lr"]
                 gram = gram + g_gram
             d_norm = gram[1, 1].clamp_min(0).sqrt()
@@ -411,7 +418,7 @@ class HypergradController(Controller):
         import torch
 
         r_max = self.config["max_update"]
-        if r_max <= 0:
+        if r_max <= 0 or "lr" not in self.names:
             return
         if self._theta_norm is None or self._count % THETA_NORM_EVERY == 0:  # the weights' norm drifts slowly
             self._theta_norm = hm.norm([p for g in self._params for p in g]).double()

@@ -38,6 +38,22 @@ def flat_rows(like: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
     return torch.zeros(rows, sum(t.numel() for t in like), dtype=flat_dtype(like), device=device)
 
 
+def gram_matrix(rows: torch.Tensor) -> torch.Tensor:
+    """``rows @ rows.T`` (every pairwise dot product of the rows) in full float32 precision.
+
+    On a CPU one matrix product reads the rows once. On a GPU a float32 matrix product may run in TF32 (10-bit
+    mantissa) when the user allowed it (``torch.set_float32_matmul_precision("high")``), which would blur the
+    dot products a hypergradient is made of; there the pairwise ``torch.dot``s are exact and memory bandwidth is
+    plentiful.
+    """
+    import torch
+
+    if rows.device.type == "cpu":
+        return rows @ rows.T
+    k = rows.shape[0]
+    return torch.stack([torch.stack([torch.dot(rows[i], rows[j]) for j in range(k)]) for i in range(k)])
+
+
 class FlatBuffer:
     """A zero-initialised flat copy of the shapes of ``like``, with one view per tensor (in ``flat`` when given: a
     1-D tensor of the right size, e.g. a row of :func:`flat_rows`)."""

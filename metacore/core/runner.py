@@ -316,6 +316,7 @@ def plan_resume(parent_id: str, tracker: Tracker, registry: Registry | None = No
     if parent["status"] == "FINISHED":
         raise UsageError(f"--resume: run {parent_id} already finished; nothing to resume")
     fields = json.loads(parent["tags"]["metacore.request"])
+    fields.setdefault("precision", "fp32")  # runs from before --precision trained without autocast
     if device:
         fields["device"] = device
     return plan_run(RunRequest(**fields), registry)

@@ -91,12 +91,14 @@ class GradStats:
     def observe(self, grads: Sequence[Any]) -> None:
         import torch
 
+        from metacore.core.flat import gram_matrix
+
         grads = list(grads)
         if not grads:
             return
         self._ensure(grads)
         self._bufs[self._cur].copy_(grads)
-        gram = self._pair @ self._pair.T  # one pass: |g|^2 and g·g_prev together
+        gram = gram_matrix(self._pair)  # on a CPU one pass: |g|^2 and g·g_prev together
         sq = gram[self._cur, self._cur]
         norm = sq.sqrt()
         if self.acc is None or self.acc.device != norm.device:
