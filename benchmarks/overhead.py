@@ -97,7 +97,6 @@ class Setup:
     def __init__(self, task_name: str, preset_name: str, device: str, data_dir: Path | None,
                  sets: dict[str, str]) -> None:
         from metacore.core.registry import load_registry
-        from metacore.core.task import TaskContext
 
         self.registry = load_registry()
         self.task = self.registry.task(task_name).obj()

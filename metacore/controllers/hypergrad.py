@@ -11,13 +11,15 @@ How it stays generic and cheap (a :class:`~metacore.core.controller.GradientObse
   before each step (the one extra parameter-sized buffer) and the next step's hypergradient uses the change the
   optimizer actually made, ``D = θ_s - θ_t = α u``. Momentum adaptation keeps one more copy (the optimizer's
   momentum buffer or Adam's first moment before the step); nothing else is stored.
-* The parameters before the step and the current gradient are mirrored in flat buffers
-  (:class:`~metacore.core.flat.FlatBuffer`: one fused copy each), so the learning rate's dot product and the two norms
-  are one kernel each over the whole model rather than one per parameter tensor; momentum and weight decay work on
-  the buffers' per-tensor views with fused ``torch._foreach_*`` passes. Everything stays on the parameters' device.
-  The learning rate is a 0-dim tensor throughout; it is handed to the optimizer as a tensor on CUDA where the optimizer takes one
-  without a host read-back (``Adam``/``AdamW`` with ``capturable=True`` or ``fused=True``), else as a float (on a CPU a
-  float costs nothing). Diagnostics are tensors, read back only at logging intervals.
+* The parameters before the step and the current gradient are mirrored in flat buffers, the two rows of one
+  ``(2, N)`` tensor (:mod:`metacore.core.flat`: one fused copy each), so the learning rate's dot product and the two
+  norms come from one matrix product over the whole model rather than one kernel per parameter tensor; momentum and
+  weight decay work on the buffers' per-tensor views with fused ``torch._foreach_*`` passes. Everything stays on the
+  parameters' device.
+* The learning rate is a 0-dim tensor throughout; it is handed to the optimizer as a tensor on CUDA where the
+  optimizer takes one without a host read-back (fused ``SGD``; ``Adam``/``AdamW`` with ``capturable=True`` or
+  ``fused=True``), else as a float (on a CPU a float costs nothing). Diagnostics are tensors, read back only at
+  logging intervals.
 * ``signal=val``: every ``val_every`` steps the gradient of a validation batch replaces the training gradient in
   that step's hypergradients (``-∇f_val(θ_t)·u_s``), so the adaptation also follows held-out performance; the
   other steps use the training gradient, and every guard still acts every step.
@@ -283,12 +285,10 @@ class HypergradController(Controller):
         grad_of = grad_of or (lambda p: p.grad)
         if self._have_prev:
             self._flat_gradient([grad_of(p) for p in self._flat_params])
-            # the derivatives that need θ_s (still in prev) come first; they need ‖g‖ alone
-            needs_norm = "weight_decay" in self.names or "momentum" in self.names
-            g_norm = torch.linalg.vector_norm(self._grad.flat) if needs_norm else None
             out: dict[str, tuple[Any, Any]] = {}
-            # derivatives that need θ_s (still in prev) come first
+            # the derivatives that need θ_s (still in prev) come first; they need ‖g‖ alone
             if "weight_decay" in self.names or "momentum" in self.names:
+                g_norm = torch.linalg.vector_norm(self._grad.flat)
                 params, grads, prevs = self._with_grads(grad_of)
                 if "weight_decay" in self.names:
                     out["weight_decay"] = self._wd_hypergrad(opt, params, grads, prevs, g_norm)

@@ -71,7 +71,8 @@ class FlatBuffer:
         if flat.dim() != 1 or flat.numel() != self.offsets[-1]:
             raise ValueError(f"flat buffer of {flat.numel()} elements for tensors of {self.offsets[-1]}")
         self.flat, self.device = flat, flat.device
-        self.views = [self.flat[a:b].view(t.shape) for a, b, t in zip(self.offsets, self.offsets[1:], like)]
+        bounds = zip(self.offsets[:-1], self.offsets[1:], like, strict=True)
+        self.views = [self.flat[a:b].view(t.shape) for a, b, t in bounds]
 
     def __len__(self) -> int:
         return len(self.views)
