@@ -28,14 +28,14 @@ def flat_dtype(like: Sequence[torch.Tensor]) -> Any:
     return dtype
 
 
-def flat_rows(like: Sequence[torch.Tensor], rows: int) -> torch.Tensor:
+def flat_rows(like: Sequence[torch.Tensor], rows: int, dtype: Any = None) -> torch.Tensor:
     """A zero ``(rows, numel)`` tensor whose rows can each back a :class:`FlatBuffer` of ``like``: statistics of
     several mirrors then come from one matrix product (``rows @ rows.T``: every dot product in one pass)."""
     import torch
 
     like = list(like)
     device = like[0].device if like else torch.device("cpu")
-    return torch.zeros(rows, sum(t.numel() for t in like), dtype=flat_dtype(like), device=device)
+    return torch.zeros(rows, sum(t.numel() for t in like), dtype=dtype or flat_dtype(like), device=device)
 
 
 def gram_matrix(rows: torch.Tensor) -> torch.Tensor:
@@ -59,18 +59,15 @@ class FlatBuffer:
     1-D tensor of the right size, e.g. a row of :func:`flat_rows`)."""
 
     def __init__(self, like: Sequence[torch.Tensor], dtype: Any = None, flat: torch.Tensor | None = None) -> None:
-        import torch
-
         like = list(like)
         self.offsets = [0]
         for t in like:
             self.offsets.append(self.offsets[-1] + t.numel())
         if flat is None:
-            device = like[0].device if like else torch.device("cpu")
-            flat = torch.zeros(self.offsets[-1], dtype=dtype or flat_dtype(like), device=device)
+            flat = flat_rows(like, 1, dtype)[0]
         if flat.dim() != 1 or flat.numel() != self.offsets[-1]:
             raise ValueError(f"flat buffer of {flat.numel()} elements for tensors of {self.offsets[-1]}")
-        self.flat, self.device = flat, flat.device
+        self.flat = flat
         bounds = zip(self.offsets[:-1], self.offsets[1:], like, strict=True)
         self.views = [self.flat[a:b].view(t.shape) for a, b, t in bounds]
 
