@@ -74,6 +74,12 @@ class StepContext:
     optimizer: Any
     hparams: Mapping[str, Any]
     val_loss_and_grads: Callable[[], tuple[torch.Tensor, list[torch.Tensor]]]
+    loss: Any = None  # this step's training loss (a 0-dim tensor, not read back), where the integration has it
+    # Where the integration supports it: keep the model and optimizer state as they are after this step (one in-memory
+    # copy, replacing the previous one), or go back to that copy after this step (returns False when there is none).
+    # A controller that explores (a range test, a look-ahead branch) uses them to undo what the exploration cost.
+    keep: Callable[[], None] | None = None
+    go_back: Callable[[], bool] | None = None
 
 
 @runtime_checkable

@@ -27,6 +27,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "metacore.controllers.static",
     "metacore.controllers.schedules",
     "metacore.controllers.hypergrad",
+    "metacore.controllers.autolr",
     "metacore.controllers.ppo.plugin",
 )
 

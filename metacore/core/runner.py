@@ -281,7 +281,8 @@ def _run_one(plan: Plan, tracker: Tracker, experiment: str, parent_id: str, ctx:
             tracker.end_run(run_id, run_status)
     entry = {"run_id": run_id, "controller": name, "role": role, "seed": seed, "steps": result.steps,
              "wall_s": result.wall_s, "final": result.final, "best": result.best,
-             "hparams_final": result.hparams_final, "diverged": result.diverged, "rollbacks": result.rollbacks}
+             "hparams_final": result.hparams_final, "diverged": result.diverged, "rollbacks": result.rollbacks,
+             "compute_ratio": result.compute_ratio}
     tracker.set_tags(run_id, {"metacore.diverged": str(result.diverged).lower(),
                               "metacore.result": json.dumps(entry)})
     tracker.end_run(run_id, "FINISHED")

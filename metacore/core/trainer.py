@@ -35,6 +35,7 @@ class RunResult:
     hparams_final: dict[str, float]
     diverged: bool
     rollbacks: int
+    compute_ratio: float = 1.0  # forward/backward passes over a static run's with the same steps
 
 
 @dataclass
@@ -82,6 +83,9 @@ class Trainer:
         self.val_history: list[float] = []
         self.best: dict[str, float] = {}
         self.rollbacks = 0
+        self.extra_passes = 0  # forward/backward passes beyond the training steps' own (validation gradients)
+        self._kept: dict | None = None  # a controller's in-memory copy of model and optimizer (StepContext.keep)
+        self._pending: str | None = None  # "keep" or "go_back", carried out right after this step
         self.diverged = False
         self.wall_s = 0.0
         self._first_loss: float | None = None
@@ -189,7 +193,7 @@ class Trainer:
         loss.backward()
         step_ctx = None
         if self._observer:
-            step_ctx = self._step_context()
+            step_ctx = self._step_context(loss.detach())
             self.controller.observe_gradients(step_ctx)
         changes = self.controller.act(self.state())
         if changes:
@@ -197,6 +201,8 @@ class Trainer:
         opt.step()
         if step_ctx is not None:
             self.controller.after_step(step_ctx)
+            if self._pending:
+                self._keep_or_go_back()
         self._loss_sum += loss.detach()
         self._loss_n += 1
         self._interval_steps += 1
@@ -209,16 +215,38 @@ class Trainer:
         if ci and self.config.checkpoint_dir and self.step % ci == 0 and self.step < self.config.budget:
             self.save_checkpoint()
 
-    def _step_context(self) -> StepContext:
+    def _step_context(self, loss: Any = None) -> StepContext:
         grads = [p.grad for p in self.params if p.grad is not None]
         params = [p for p in self.params if p.grad is not None]
         return StepContext(step=self.step, params=params, grads=grads, optimizer=self.optimizer,
-                           hparams=self.hparams, val_loss_and_grads=lambda: self._val_loss_and_grads(params))
+                           hparams=self.hparams, val_loss_and_grads=lambda: self._val_loss_and_grads(params),
+                           loss=loss, keep=self._request_keep, go_back=self._request_go_back)
+
+    def _request_keep(self) -> None:
+        self._pending = "keep"
+
+    def _request_go_back(self) -> bool:
+        if self._kept is None:
+            return False
+        self._pending = "go_back"
+        return True
+
+    def _keep_or_go_back(self) -> None:
+        """A controller's request, after the step: copy model and optimizer state, or restore the copy."""
+        if self._pending == "keep":
+            self._kept = {"model": _clone(self.model.state_dict()), "optimizer": _clone(self.optimizer.state_dict())}
+        elif self._kept is not None:
+            self.model.load_state_dict(self._kept["model"])
+            self.optimizer.load_state_dict(self._kept["optimizer"])
+            self._apply(self.hparams)  # the optimizer's groups keep the rates in force, not the copy's
+            self._kept = None  # one way back per copy; it is not carried in later checkpoints
+        self._pending = None
 
     def _val_loss_and_grads(self, params):
         """Loss and gradients of one validation batch (drawn from the seed), leaving ``.grad`` untouched."""
         import torch
 
+        self.extra_passes += 1
         val = self.data.val
         n = int(val[0].shape[0])
         gen = torch.Generator().manual_seed(self.ctx.seed * 7919 + self.step)
@@ -338,6 +366,7 @@ class Trainer:
         final.update({f"test/{k}": v for k, v in self.evaluate("test").items()})
         if self.train_losses:
             final["train/loss"] = self.train_losses[-1]
+        self._log({"system/compute_ratio": self.compute_ratio})
         if self.config.checkpoint_dir:
             self.save_checkpoint()
         if self.tracker is not None and self.run_id is not None:
@@ -346,7 +375,13 @@ class Trainer:
                          for k, v in self.hparams.items()}
         return RunResult(steps=self.step, wall_s=round(self.wall_s, 3), final=final, best=dict(self.best),
                          hparams_final=hparams_final,
-                         diverged=self.diverged, rollbacks=self.rollbacks)
+                         diverged=self.diverged, rollbacks=self.rollbacks, compute_ratio=self.compute_ratio)
+
+    @property
+    def compute_ratio(self) -> float:
+        """Forward/backward passes of this run so far over a static run's with the same steps (evaluation passes,
+        which every run makes alike, are not counted)."""
+        return round((self.step + self.extra_passes) / max(1, self.step), 4)
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def checkpoint_payload(self) -> dict[str, Any]:
@@ -361,6 +396,7 @@ class Trainer:
             "hparams": {k: _to_float(v) for k, v in self.hparams.items()},
             "train_losses": list(self.train_losses), "val_metrics": dict(self.val_metrics),
             "val_history": list(self.val_history), "best": dict(self.best), "rollbacks": self.rollbacks,
+            "extra_passes": self.extra_passes, "kept": self._kept,
             "wall_s": self.wall_s, "first_loss": self._first_loss, "last_val_step": self._last_val_step,
             "loss_sum": self._loss_sum.detach().cpu(), "loss_n": self._loss_n, "diverged": self.diverged,
             "rng": {"python": _python_rng_state(), "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
@@ -394,6 +430,8 @@ class Trainer:
         self.val_history = list(payload["val_history"])
         self.best = dict(payload["best"])
         self.rollbacks = int(payload["rollbacks"])
+        self.extra_passes = int(payload.get("extra_passes", 0))
+        self._kept = payload.get("kept")
         self.diverged = bool(payload.get("diverged", False))
         self.wall_s = float(payload["wall_s"])
         self._first_loss = payload["first_loss"]

@@ -1,0 +1,221 @@
+"""``autolr``: find the learning rate in the run itself, then anneal it to the end of the budget.
+
+A one-step hypergradient is greedy: on a BatchNorm ResNet it settles at rates tens of times smaller than the best
+fixed rate (docs/results.md). ``autolr`` treats the user's initial rate as a *hint of scale*, not a commitment:
+
+1. **Search** (the first steps, at most ``search_frac`` of the budget): the rate starts at ``hint × start_factor``
+   and grows geometrically every step, an LR range test run on the training trajectory itself (Smith 2017), so it
+   costs no forward or backward pass beyond the run's own. The per-step loss is smoothed (bias-corrected EMA); the
+   search stops when the smoothed loss rises ``rise`` above its minimum so far (or turns non-finite, or the rate
+   reaches the task's upper bound). The peak rate is the rate at that moment divided by ``backoff``: the loss
+   responds to a rate with a lag (momentum), so where it turns up is several times past the largest good rate.
+2. **Anneal**: from the peak, cosine decay to ``min_factor × peak`` at the end of the budget
+   (``TrainingState.budget``): at a fixed budget a decayed rate beats a constant one.
+3. **Guard**: after the search, a smoothed loss that rises ``guard_rise`` above its minimum again halves the peak
+   (once per ``guard_every`` steps); a trainer rollback halves it too.
+
+Everything it needs is the loss of each step (``StepContext.loss``, read back only during the search, so a GPU
+syncs only then); with no per-step loss (an integration that has none) the logged loss means are used instead.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+from metacore.core.controller import Controller, StepContext
+from metacore.core.errors import ControllerError
+from metacore.core.hookspecs import hookimpl
+from metacore.core.hparams import HParamSpace
+from metacore.core.options import OptionSpec
+from metacore.core.state import TrainingState
+
+SEARCH, ANNEAL = "search", "anneal"
+
+
+class AutoLRController(Controller):
+    """An LR range test inside the run, then cosine annealing over the rest of the budget; no extra passes."""
+
+    name = "autolr"
+    description = "finds the rate in the run (live range test), then anneals it over the budget; no extra passes"
+    options = {
+        "start_factor": OptionSpec("start_factor", 1e-2, float, "the search starts at the initial lr times this",
+                                   1e-8, 1.0),
+        "decades": OptionSpec("decades", 8.0, float, "decades of growth the search can cover in search_frac of "
+                              "the budget (sets the growth per step)", 0.5, 12.0),
+        "search_frac": OptionSpec("search_frac", 0.3, float, "largest fraction of the budget the search may take",
+                                  0.01, 0.9),
+        "rise": OptionSpec("rise", 0.2, float, "the search stops when the smoothed loss exceeds its minimum by "
+                           "this fraction", 0.01, 10.0),
+        "backoff": OptionSpec("backoff", 10.0, float, "the peak rate is the rate where the search stopped "
+                              "divided by this", 1.0, 1e4),
+        "smoothing": OptionSpec("smoothing", 0.9, float, "EMA factor of the per-step loss", 0.0, 0.999),
+        "min_factor": OptionSpec("min_factor", 0.0, float, "final rate as a fraction of the peak", 0.0, 1.0),
+        "guard_rise": OptionSpec("guard_rise", 0.5, float, "after the search, a smoothed loss this fraction above "
+                                 "its minimum halves the peak (0: off)", 0.0, None),
+        "guard_every": OptionSpec("guard_every", 20, int, "steps between two guard cuts", 1, None),
+        "keep_every": OptionSpec("keep_every", 5, int, "during the search, the weights at a new loss minimum are "
+                                 "kept at most every this many steps, and restored when the search stops on a rise "
+                                 "(0: never)", 0, None),
+    }
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self._clear()
+
+    def _clear(self) -> None:
+        self.lr_name = ""
+        self.phase = SEARCH
+        self.lr = 0.0
+        self.growth = 1.0
+        self.peak = 0.0
+        self.search_end = 0  # the step the search ended at
+        self.stop_lr = 0.0
+        self.ema = 0.0
+        self.ema_n = 0
+        self.ema_min = math.inf
+        self.last_cut = -1
+        self.cuts = 0
+        self._smoothed = math.nan
+        self._last_logged = math.nan
+        self._last_step = -1
+        self._loss: float | None = None
+        self.kept_step = -1  # the step whose weights the trainer keeps for us
+        self.kept_lr = 0.0
+        self.went_back = 0
+        self._request: str | None = None
+
+    def reset(self, hparams: Mapping[str, float], seed: int, space: HParamSpace, budget: int) -> None:
+        super().reset(hparams, seed, space, budget)
+        self._clear()
+        names = [s.name for s in space if s.acts_on == "optimizer" and s.key == "lr"]
+        if not names:
+            raise ControllerError(f"controller autolr needs an optimizer learning rate in {space.owner}'s "
+                                  "hyperparameters (a spec writing the param-group key 'lr')")
+        self.lr_name = names[0]
+        spec = space[self.lr_name]
+        hint = float(hparams[self.lr_name])
+        self.lr = spec.clip(hint * self.config["start_factor"])
+        steps = max(1.0, self.config["search_frac"] * max(1, budget))
+        self.growth = 10.0 ** (self.config["decades"] / steps)
+
+    # ------------------------------------------------------------------------------------------------ feedback
+    def observe_gradients(self, ctx: StepContext) -> None:
+        loss = getattr(ctx, "loss", None)
+        if loss is not None and self.phase == SEARCH:
+            self._loss = float(loss.item()) if hasattr(loss, "item") else float(loss)
+
+    def after_step(self, ctx: StepContext) -> None:
+        request, self._request = self._request, None
+        if request == "keep" and ctx.keep is not None:
+            ctx.keep()
+        elif request == "go_back" and ctx.go_back is not None and ctx.go_back():
+            self.went_back += 1
+
+    def _feed(self, value: float, steps: int = 1) -> None:
+        """Fold a loss into the EMA; a logged mean covering ``steps`` steps weighs as those steps would."""
+        if not math.isfinite(value):
+            self.ema = math.inf
+            return
+        decay = self.config["smoothing"] ** max(1, steps)
+        self.ema_n += max(1, steps)
+        self.ema = decay * self.ema + (1 - decay) * value
+        debias = 1 - self.config["smoothing"] ** self.ema_n
+        self._smoothed = self.ema / debias if debias > 0 else value
+        self.ema_min = min(self.ema_min, self._smoothed)
+
+    def _current_loss(self, state: TrainingState) -> tuple[float, int] | None:
+        """This step's loss if the integration gives it, else a newly logged loss mean (with the steps it covers)."""
+        logged = None
+        if state.train_losses and state.train_loss != self._last_logged:
+            steps = state.step - self._last_step if self._last_step >= 0 else 1
+            self._last_logged, self._last_step = state.train_loss, state.step
+            logged = (state.train_loss, steps)
+        if self._loss is not None:
+            value, self._loss = self._loss, None
+            return value, 1
+        return logged
+
+    # ------------------------------------------------------------------------------------------------ decisions
+    def act(self, state: TrainingState) -> dict[str, Any]:
+        spec = self.space[self.lr_name]
+        value = self._current_loss(state)
+        if self.phase == SEARCH:
+            if value is not None:
+                before = self.ema_min
+                self._feed(*value)
+                every = self.config["keep_every"]
+                if every and self.ema_min < before and state.step - self.kept_step >= every:
+                    self._request, self.kept_step, self.kept_lr = "keep", state.step, self.lr
+            smoothed = self._smoothed
+            risen = self.ema_n >= 10 and (not math.isfinite(self.ema)
+                                         or smoothed > (1 + self.config["rise"]) * self.ema_min)
+            out_of_room = self.lr >= spec.high
+            too_long = state.step >= self.config["search_frac"] * max(1, state.budget)
+            if risen or out_of_room or too_long:
+                self.stop_lr = self.lr
+                self.peak = spec.clip(self.lr / self.config["backoff"] if risen else self.lr)
+                self.phase, self.search_end = ANNEAL, state.step
+                self.ema_min = self._smoothed
+                if risen and self.kept_step >= 0:
+                    self._request = "go_back"  # undo what the steps past the minimum did to the weights
+            else:
+                lr = self.lr
+                self.lr = spec.clip(self.lr * self.growth)
+                return {self.lr_name: lr}
+        elif value is not None and self.config["guard_rise"] > 0:
+            self._feed(*value)
+            if (self._smoothed > (1 + self.config["guard_rise"]) * self.ema_min
+                    and state.step - self.last_cut >= self.config["guard_every"]):
+                self.peak, self.last_cut, self.cuts = spec.clip(self.peak * 0.5), state.step, self.cuts + 1
+                self.ema_min = self._smoothed
+        self.lr = spec.clip(self._annealed(state.step, state.budget))
+        return {self.lr_name: self.lr} if self.lr != state.hparams.get(self.lr_name) else {}
+
+    def _annealed(self, step: int, budget: int) -> float:
+        span = max(1, budget - self.search_end)
+        t = min(1.0, max(0.0, (step - self.search_end) / span))
+        lo = self.config["min_factor"]
+        return self.peak * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t)))
+
+    def on_rollback(self, hparams: Mapping[str, float]) -> None:
+        """The trainer restored a snapshot after a divergence and halved the rate: end the search, halve the peak."""
+        lr = float(hparams.get(self.lr_name, self.lr))
+        if self.phase == SEARCH:
+            self.phase, self.peak, self.stop_lr = ANNEAL, lr / self.config["backoff"] * 2, lr * 2
+        else:
+            self.peak *= 0.5
+        self.cuts += 1
+
+    def diagnostics(self) -> dict[str, float]:
+        return {"autolr_peak": self.peak, "autolr_searching": float(self.phase == SEARCH),
+                "autolr_stop_lr": self.stop_lr, "autolr_cuts": float(self.cuts), "autolr_kept_lr": self.kept_lr,
+                "autolr_went_back": float(self.went_back)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"phase": self.phase, "lr": self.lr, "growth": self.growth, "peak": self.peak,
+                "search_end": self.search_end, "stop_lr": self.stop_lr, "ema": self.ema, "ema_n": self.ema_n,
+                "ema_min": self.ema_min, "smoothed": self._smoothed,
+                "last_cut": self.last_cut, "cuts": self.cuts, "kept_step": self.kept_step, "kept_lr": self.kept_lr,
+                "went_back": self.went_back, "request": self._request or "", "last_logged": self._last_logged,
+                "last_step": self._last_step}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not state:
+            return
+        self.phase = str(state["phase"])
+        for key in ("lr", "growth", "peak", "stop_lr", "ema", "ema_min"):
+            setattr(self, key, float(state[key]))
+        self._smoothed = float(state["smoothed"])
+        self.search_end, self.ema_n = int(state["search_end"]), int(state["ema_n"])
+        self.last_cut, self.cuts = int(state["last_cut"]), int(state["cuts"])
+        self.kept_step, self.kept_lr = int(state.get("kept_step", -1)), float(state.get("kept_lr", 0.0))
+        self.went_back = int(state.get("went_back", 0))
+        self._request = str(state.get("request", "")) or None
+        self._last_logged = float(state.get("last_logged", math.nan))
+        self._last_step = int(state.get("last_step", -1))
+
+
+@hookimpl
+def metacore_register_controllers(register):
+    register(AutoLRController)

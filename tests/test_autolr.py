@@ -1,0 +1,154 @@
+"""``autolr``: the in-run range test stops where the loss turns up, the anneal follows the budget, the state round-trips,
+a rollback ends the search, and on the real digits data it is robust to the initial rate."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from metacore.controllers.autolr import AutoLRController
+from metacore.core.controller import StepContext
+from metacore.core.errors import ControllerError
+from metacore.core.hparams import HParamSpace, HParamSpec
+from metacore.core.state import TrainingState
+
+SPACE = HParamSpace([HParamSpec("lr", 1e-3, 1e-8, 10.0, log=True), HParamSpec("momentum", 0.9, 0.0, 0.999)])
+
+
+def _state(step, budget, lr, losses=()):
+    return TrainingState(step=step, epoch=0.0, budget=budget, train_loss=losses[-1] if losses else math.nan,
+                         train_losses=tuple(losses), val_metrics={}, hparams={"lr": lr, "momentum": 0.9},
+                         primary_metric="accuracy", direction="max")
+
+
+def _ctx(step, loss):
+    return StepContext(step=step, params=[], grads=[], optimizer=None, hparams={}, val_loss_and_grads=None,
+                       loss=loss)
+
+
+def _drive(ctl, budget, loss_of_lr, lr0=1e-3, log_every=10):
+    """Run the controller against a synthetic loss that depends on the rate in force, as the Trainer would: the
+    step's loss to ``observe_gradients``, logged means (every ``log_every`` steps) in the state; return the lrs."""
+    ctl.reset({"lr": lr0, "momentum": 0.9}, 0, SPACE, budget)
+    lr, lrs, logged, window = lr0, [], [], []
+    for step in range(budget):
+        loss = loss_of_lr(lr, step)
+        ctl.observe_gradients(_ctx(step, loss))
+        lr = ctl.act(_state(step, budget, lr, logged)).get("lr", lr)
+        lrs.append(lr)
+        window.append(loss)
+        if (step + 1) % log_every == 0:
+            logged, window = (logged + [sum(window) / len(window)])[-32:], []
+    return lrs
+
+
+def _valley(best):
+    """Loss falls with the rate up to ``best * 10``, then rises steeply (a range test's shape)."""
+    return lambda lr, step: 2.0 - 0.1 * math.log10(min(lr, best * 10) / 1e-8) + max(0.0, math.log10(lr / (best * 10)))
+
+
+def test_search_grows_stops_at_the_rise_and_backs_off():
+    ctl = AutoLRController()
+    lrs = _drive(ctl, 600, _valley(0.1))
+    assert ctl.phase == "anneal"
+    assert ctl.search_end < 0.3 * 600
+    assert lrs[0] == pytest.approx(1e-5)  # hint x start_factor
+    assert all(b > a for a, b in zip(lrs[:20], lrs[1:21], strict=True))  # geometric growth
+    # stopped shortly past the turn at 1.0; the peak is the stop rate / backoff
+    assert 1.0 < ctl.stop_lr < 5.0
+    assert ctl.peak == pytest.approx(ctl.stop_lr / 10)
+
+
+@pytest.mark.parametrize("lr0", [1e-4, 1e-2, 1.0])
+def test_the_peak_does_not_depend_on_the_hint(lr0):
+    ctl = AutoLRController()
+    _drive(ctl, 600, _valley(0.1), lr0=lr0)
+    assert 0.1 <= ctl.peak <= 0.5
+
+
+def test_anneal_is_a_cosine_to_the_end_of_the_budget():
+    ctl = AutoLRController(guard_rise=0.0)
+    lrs = _drive(ctl, 400, _valley(0.1))
+    end = ctl.search_end
+    assert lrs[end] == pytest.approx(ctl.peak, rel=1e-6)
+    mid = end + (400 - end) // 2
+    assert lrs[mid] == pytest.approx(ctl.peak * 0.5, rel=0.02)
+    assert lrs[-1] < 1e-3 * ctl.peak
+    assert all(b <= a for a, b in zip(lrs[end:], lrs[end + 1:], strict=False))
+
+
+def test_no_rise_keeps_the_largest_rate_reached():
+    ctl = AutoLRController(search_frac=0.1, decades=1.0)
+    _drive(ctl, 300, lambda lr, step: 1.0 - 0.001 * step)
+    assert ctl.stop_lr == pytest.approx(ctl.peak)
+    assert ctl.peak == pytest.approx(1e-4, rel=0.05)  # 1e-5 grown by one decade
+
+
+def test_a_nonfinite_loss_ends_the_search():
+    ctl = AutoLRController()
+    _drive(ctl, 200, lambda lr, step: math.nan if lr > 1e-3 else 1.0)
+    assert ctl.phase == "anneal" and ctl.peak < 1e-3
+
+
+def test_guard_halves_the_peak_when_the_loss_rises_again():
+    ctl = AutoLRController(guard_every=10)
+    _drive(ctl, 600, lambda lr, step: (_valley(0.1)(lr, step) if step < 300 else 5.0))
+    assert ctl.cuts >= 1
+
+
+def test_logged_loss_means_are_used_without_a_step_loss():
+    ctl = AutoLRController()
+    ctl.reset({"lr": 1e-3, "momentum": 0.9}, 0, SPACE, 300)
+    lr, losses = 1e-3, []
+    for step in range(300):
+        if step % 5 == 0:
+            losses.append(_valley(0.1)(lr, step) + 1e-6 * step)
+        lr = ctl.act(_state(step, 300, lr, losses)).get("lr", lr)
+    assert ctl.phase == "anneal" and 0.05 < ctl.peak < 1.0
+
+
+def test_state_round_trip_continues_identically():
+    a, b = AutoLRController(), AutoLRController()
+    loss = _valley(0.1)
+    a.reset({"lr": 1e-3, "momentum": 0.9}, 0, SPACE, 300)
+    b.reset({"lr": 1e-3, "momentum": 0.9}, 0, SPACE, 300)
+    lr = 1e-3
+    for step in range(300):
+        if step == 90:
+            b.load_state_dict(a.state_dict())
+        a.observe_gradients(_ctx(step, loss(lr, step)))
+        got = a.act(_state(step, 300, lr)).get("lr", lr)
+        if step >= 90:
+            b.observe_gradients(_ctx(step, loss(lr, step)))
+            assert b.act(_state(step, 300, lr)).get("lr", lr) == got
+        lr = got
+
+
+def test_rollback_ends_the_search_and_halves():
+    ctl = AutoLRController()
+    ctl.reset({"lr": 1e-3, "momentum": 0.9}, 0, SPACE, 300)
+    for step in range(10):
+        ctl.observe_gradients(_ctx(step, 1.0))
+        ctl.act(_state(step, 300, 1e-3))
+    ctl.on_rollback({"lr": 0.5, "momentum": 0.9})
+    assert ctl.phase == "anneal" and ctl.peak == pytest.approx(0.1)
+
+
+def test_a_task_without_a_learning_rate_is_refused():
+    space = HParamSpace([HParamSpec("momentum", 0.9, 0.0, 0.999)])
+    with pytest.raises(ControllerError, match="learning rate"):
+        AutoLRController().reset({"momentum": 0.9}, 0, space, 10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lr0", [1e-4, 1.0])
+def test_digits_small_is_robust_to_the_initial_rate(lr0):
+    pytest.importorskip("torch")
+    from metacore.plugins.digits import DigitsTask
+    from metacore.testing import run_controller
+
+    task = DigitsTask()
+    _, result = run_controller(AutoLRController(), task, steps=300, hparams={"lr": lr0})
+    assert not result.diverged
+    assert result.final["test/accuracy"] >= 0.95
