@@ -1,5 +1,5 @@
-"""``autolr``: the in-run range test stops where the loss turns up, the anneal follows the budget, the state round-trips,
-a rollback ends the search, and on the real digits data it is robust to the initial rate."""
+"""``autolr``: the in-run range test stops where the loss turns up, the anneal follows the budget, the state
+round-trips, a rollback ends the search, and on the real digits data it is robust to the initial rate."""
 
 from __future__ import annotations
 
