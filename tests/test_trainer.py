@@ -123,3 +123,59 @@ def test_val_loss_and_grads_leave_training_grads_alone():
     loss, grads = t._val_loss_and_grads(t.params)
     assert math.isfinite(loss.item()) and len(grads) == len(t.params)
     assert all(p.grad is None for p in t.params)
+
+
+class KeepThenGoBack(Controller):
+    """Keeps the weights after step 4, goes back to them after step 9, and records the step losses it sees."""
+
+    name = "keep-go-back"
+
+    def __init__(self):
+        super().__init__()
+        self.losses, self.answers = [], []
+
+    def observe_gradients(self, ctx):
+        self.losses.append(float(ctx.loss))
+
+    def after_step(self, ctx):
+        if ctx.step == 4:
+            ctx.keep()
+        elif ctx.step in (9, 12):
+            self.answers.append(ctx.go_back())
+
+
+def test_keep_and_go_back_restore_model_and_optimizer_after_the_step():
+    import torch
+
+    ctl = KeepThenGoBack()
+    t = make_trainer(ctl, steps=15)
+    t.advance(5)
+    kept = {k: v.clone() for k, v in t.model.state_dict().items()}
+    kept_momentum = [t.optimizer.state[p]["momentum_buffer"].clone() for p in t.params]
+    t.advance(4)
+    assert any(not torch.equal(kept[k], v) for k, v in t.model.state_dict().items())
+    t.advance(1)
+    for k, v in t.model.state_dict().items():  # after step 9 the weights are those after step 4 again
+        assert torch.equal(kept[k], v), k
+    for p, m in zip(t.params, kept_momentum, strict=True):
+        assert torch.equal(t.optimizer.state[p]["momentum_buffer"], m)
+    t.run()
+    assert ctl.answers == [True, False]  # one way back per copy
+    assert len(ctl.losses) == 15 and all(math.isfinite(v) for v in ctl.losses)
+    assert t.compute_ratio == 1.0  # going back costs steps of the budget, not extra passes
+
+
+def test_compute_ratio_counts_validation_gradient_passes():
+    class ValEveryOther(Controller):
+        name = "val-every-other"
+
+        def observe_gradients(self, ctx):
+            if ctx.step % 2 == 0:
+                ctx.val_loss_and_grads()
+
+        def after_step(self, ctx):
+            pass
+
+    t = make_trainer(ValEveryOther(), steps=10)
+    result = t.run()
+    assert result.compute_ratio == pytest.approx(1.5)
