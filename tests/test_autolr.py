@@ -152,3 +152,38 @@ def test_digits_small_is_robust_to_the_initial_rate(lr0):
     _, result = run_controller(AutoLRController(), task, steps=300, hparams={"lr": lr0})
     assert not result.diverged
     assert result.final["test/accuracy"] >= 0.95
+
+
+def test_resume_mid_search_continues_exactly():
+    """A checkpoint taken during the search (the kept copy included) resumes to the same weights and rates."""
+    torch = pytest.importorskip("torch")
+    import io
+
+    from metacore.core.registry import load_registry
+    from metacore.core.task import TaskContext
+    from metacore.core.trainer import Trainer, TrainerConfig
+
+    task = load_registry(entry_points=False).task("digits").obj()
+    preset = task.preset("smoke")
+    hparams = task.hparam_space().resolve({"lr": 1e-3})
+
+    def trainer():
+        ctx = TaskContext(preset, task.resolve_options(preset, {}), 0, "cpu", None, dict(hparams))
+        ctl = AutoLRController(search_frac=0.5, decades=4.0, keep_every=2)
+        return Trainer(task, ctl, ctx, hparams, TrainerConfig(budget=40, log_interval=5, eval_interval=20))
+
+    torch.set_num_threads(1)
+    whole = trainer()
+    whole.run()
+    part = trainer()
+    part.advance(13)
+    assert part.controller.phase == "search" and part._kept is not None
+    buf = io.BytesIO()
+    torch.save(part.checkpoint_payload(), buf)
+    buf.seek(0)
+    resumed = trainer()
+    resumed.restore(torch.load(buf, weights_only=True))
+    resumed.run()
+    assert resumed.controller.state_dict() == whole.controller.state_dict()
+    for (k, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
