@@ -41,3 +41,28 @@ def test_overhead_json_reports_framework_and_every_controller(tmp_path):
     assert set(result["controllers"]) == expected
     assert all("step_time_ratio" in r for r in result["controllers"].values())
     assert "cli_startup" in result["framework"]
+
+
+def test_lr_robustness_summary_judges_against_the_best_of_the_search(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lr_robustness", REPO / "benchmarks" / "lr_robustness.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    table = {
+        "static": {0.01: {0: (0.40, 1.0, False), 1: (0.42, 1.0, False)}, 0.1: {0: (0.50, 1.0, False)}},
+        "cosine": {0.1: {0: (0.52, 1.0, False), 1: (0.54, 1.0, False)}},
+        "autolr": {1e-4: {0: (0.53, 1.0, False), 1: (0.52, 1.0, False)}, 1.0: {0: (0.30, 1.0, True)}},
+    }
+    summary = mod.summarise(table, "autolr", "max")
+    assert summary["best_search"] == {"method": "cosine", "lr0": 0.1, "mean": 0.53}
+    rows = {r["lr0"]: r for r in summary["rows"]}
+    assert rows[1e-4]["ratio_to_best_search"] == 0.525 / 0.53 and rows[1e-4]["meets_goal"]
+    assert not rows[1.0]["meets_goal"] and rows[1.0]["diverged"] == 1
+    assert summary["search_runs"] == 5
+    text = mod.markdown(summary, "test/accuracy")
+    assert "0.5250 ± 0.0071 (n=2)" in text and "✗" in text
+    for value, ok in ((2.03, True), (2.05, False)):  # lower is better: within 1.02 x the best passes
+        low = mod.summarise({"static": {0.1: {0: (2.0, 1.0, False)}}, "autolr": {0.1: {0: (value, 1.0, False)}}},
+                            "autolr", "min")
+        assert low["rows"][0]["meets_goal"] is ok
