@@ -28,21 +28,22 @@ import contextlib
 import copy
 import io
 import math
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import pytest
 
-from metacore.core.controller import Controller, GradientObserver, StepContext
+from metacore.core.controller import Controller, StepContext
 from metacore.core.errors import DataError, MetacoreError, UsageError
 from metacore.core.hookspecs import hookimpl
 from metacore.core.hparams import HParamSpace, HParamSpec
 from metacore.core.options import OptionSpec
 from metacore.core.registry import PluginManager, Registry, build_registry, get_plugin_manager
 from metacore.core.task import Preset, Task, TaskContext, TaskData
+from metacore.core.values import floats, to_float
 
 __all__ = [
-    "ControllerContract", "TaskContract", "TinyAdamTask", "TinyTask", "class_plugin", "make_registry",
-    "plugin_manager", "registered_names", "run_controller", "step_context", "task_context",
+    "ControllerContract", "TaskContract", "TinyAdamTask", "TinyTask", "check_proposal", "class_plugin",
+    "make_registry", "plugin_manager", "registered_names", "run_controller", "step_context", "task_context",
 ]
 
 
@@ -189,7 +190,8 @@ def task_context(task: Task, preset: str = "smoke", seed: int = 0, data_dir: Any
 def run_controller(controller: Controller, task: Task | None = None, *, steps: int | None = None, seed: int = 0,
                    hparams: Mapping[str, Any] | None = None, data: TaskData | None = None, data_dir: Any = None,
                    tracker: Any = None, log_interval: int | None = None, eval_interval: int | None = None,
-                   stop_after: int | None = None, threads: int | None = 1):
+                   stop_after: int | None = None, threads: int | None = 1,
+                   on_proposal: Callable[[Mapping[str, Any]], None] | None = None):
     """Train ``task`` (default :class:`TinyTask`) at its smoke preset with ``controller`` on the CPU.
 
     It trains on ``threads`` torch threads (restored afterwards; ``None``: torch's default): a small model gains
@@ -197,6 +199,8 @@ def run_controller(controller: Controller, task: Task | None = None, *, steps: i
 
     Returns ``(trainer, result)``; metrics go to ``tracker`` (an in-memory one by default: ``trainer.tracker``).
     With ``stop_after`` the run stops after that many of its ``steps`` and ``result`` is None (the run is not over).
+    ``on_proposal`` sees every raw ``act()`` proposal before it is checked against the space (see
+    :func:`check_proposal`).
     """
     from metacore.core.tracking import MemoryTracker
     from metacore.core.trainer import Trainer, TrainerConfig
@@ -209,7 +213,8 @@ def run_controller(controller: Controller, task: Task | None = None, *, steps: i
     config = TrainerConfig(budget=budget, log_interval=log_interval or ctx.preset.log_interval,
                            eval_interval=eval_interval or ctx.preset.eval_interval)
     with _threads(threads):
-        trainer = Trainer(task, controller, ctx, ctx.hparams, config, data=data, tracker=tracker, run_id=run_id)
+        trainer = Trainer(task, controller, ctx, ctx.hparams, config, data=data, tracker=tracker, run_id=run_id,
+                          on_proposal=on_proposal)
         if stop_after is not None:
             trainer.advance(stop_after)
             return trainer, None
@@ -232,14 +237,39 @@ def _threads(n: int | None):
 
 def step_context(trainer: Any) -> StepContext:
     """Forward and backward one training batch of ``trainer`` and the :class:`StepContext` an observer would get."""
+    trainer.compute_gradients()
+    return trainer.driver.step_context(trainer.step)
+
+
+def check_proposal(controller: str, space: HParamSpace, changes: Any) -> None:
+    """Assert that one raw ``act()`` proposal is what the interface allows: a mapping of declared names to finite
+    numbers (or 0-dim tensors) inside the declared bounds. The message names the controller.
+
+    The trainer would clip an out-of-bounds value and reject a non-finite one; this checks the controller itself.
+    """
+    who = f"controller {controller!r}: act()"
+    assert isinstance(changes, Mapping), f"{who} must return a mapping, got {type(changes).__name__}"
+    for name, value in changes.items():
+        assert name in space, (f"{who} proposed {name!r}, which the task does not declare "
+                               f"(it declares: {', '.join(space.names())})")
+        tensor = getattr(value, "ndim", None) == 0 and hasattr(value, "dtype") and not value.dtype.is_complex
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        assert number or tensor, f"{who} proposed {name}={value!r}: not a number or 0-dim tensor"
+        v = to_float(value)
+        assert math.isfinite(v), f"{who} proposed non-finite {name}={v}"
+        spec = space[name]
+        slack = _tensor_slack(value, spec)
+        assert spec.low - slack <= v <= spec.high + slack, (
+            f"{who} proposed {name}={v:g}, outside the declared bounds [{spec.low:g}, {spec.high:g}]")
+
+
+def _tensor_slack(value: Any, spec: HParamSpec) -> float:
+    """A tensor clamped to a bound in its own precision may round just past the (float64) bound."""
     import torch
 
-    indices = torch.arange(min(int(trainer.hparams.get("batch_size", 32)), trainer.data.train_size))
-    batch = trainer.task.train_batch(trainer.data, indices, trainer.ctx)
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.model.train()
-    trainer.task.loss(trainer.model, batch).backward()
-    return trainer._step_context()
+    if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+        return 0.0
+    return float(torch.finfo(value.dtype).eps) * max(abs(spec.low), abs(spec.high))
 
 
 def is_plain(value: Any) -> bool:
@@ -253,10 +283,6 @@ def is_plain(value: Any) -> bool:
     if isinstance(value, dict):
         return all(isinstance(k, (str, int)) and is_plain(v) for k, v in value.items())
     return False
-
-
-def _as_float(value: Any) -> float:
-    return float(value.item()) if hasattr(value, "item") else float(value)
 
 
 def _weights_only_copy(state: Any) -> Any:
@@ -310,30 +336,21 @@ class ControllerContract:
     # -- behaviour in the training loop
     def test_trains_within_bounds(self, make_controller, contract_task):
         controller = make_controller()
-        seen: list[dict[str, Any]] = []
-        act = controller.act
-
-        def checked_act(state):
-            changes = act(state)
-            assert isinstance(changes, Mapping), f"act() must return a mapping, got {type(changes).__name__}"
-            seen.append(dict(changes))
-            return changes
-
-        controller.act = checked_act  # type: ignore[method-assign]
-        trainer, result = run_controller(controller, contract_task, steps=self.steps)
         space = contract_task.hparam_space()
+        seen: list[Any] = []
+
+        def check(changes):  # every raw proposal, before the trainer clips or rejects anything
+            check_proposal(controller.name, space, changes)
+            seen.append(changes)
+
+        trainer, result = run_controller(controller, contract_task, steps=self.steps, on_proposal=check)
         assert result.steps == self.steps and not result.diverged
-        assert len(seen) == self.steps, "act() must be called once per optimizer step"
-        for changes in seen:
-            unknown = set(changes) - set(space.names())
-            assert not unknown, f"act() changed hyperparameters the task does not declare: {unknown}"
-            for name, value in changes.items():
-                assert isinstance(value, (int, float)) or getattr(value, "ndim", None) == 0, (name, value)
+        assert len(seen) == self.steps, f"controller {controller.name!r}: act() must be called once per step"
         for name, value in result.hparams_final.items():
             spec = space[name]
             assert math.isfinite(value) and spec.low <= value <= spec.high, (name, value)
         for key, value in controller.diagnostics().items():
-            assert isinstance(key, str) and math.isfinite(_as_float(value)), (key, value)
+            assert isinstance(key, str) and math.isfinite(to_float(value)), (key, value)
         for spec in space:
             history = trainer.tracker.history(trainer.run_id, f"hparam/{spec.name}")
             assert history and all(spec.low <= v <= spec.high for _, v in history), f"hparam/{spec.name} left bounds"
@@ -366,27 +383,28 @@ class ControllerContract:
         clone.load_state_dict(_weights_only_copy(copy.deepcopy(controller.state_dict())))
         actions = []
         for c in (controller, clone):
-            if isinstance(c, GradientObserver):
-                ctx = step_context(trainer)
-                grads = [g.clone() for g in ctx.grads]
-                c.observe_gradients(ctx)
-                for g, before in zip(ctx.grads, grads, strict=True):
-                    assert torch.equal(g, before), "observe_gradients() must not modify the gradients"
+            probe = trainer.driver.sibling(c)  # the same point of the run, writing nothing
+            trainer.compute_gradients()
+            grads = [p.grad.clone() for p in trainer.params if p.grad is not None]
             torch.manual_seed(1234)
-            actions.append({k: _as_float(v) for k, v in trainer.space.sanitize(c.act(trainer.state()),
-                                                                               c.name).items()})
+            actions.append(floats(probe.before_optimizer_step(trainer.step, epoch=trainer.epoch_float,
+                                                              budget=trainer.config.budget)))
+            after = [p.grad for p in trainer.params if p.grad is not None]
+            for g, before in zip(after, grads, strict=True):
+                assert torch.equal(g, before), f"controller {c.name!r}: observe_gradients() modified the gradients"
         assert actions[0] == actions[1], "a controller restored from state_dict() must take the same next action"
 
     def test_rollback_then_act(self, make_controller, contract_task):
         controller = make_controller()
         trainer, _ = run_controller(controller, contract_task, steps=6)
-        hparams = {k: _as_float(v) for k, v in trainer.hparams.items()}
+        hparams = floats(trainer.hparams)
         hparams["lr"] = trainer.space["lr"].clip(hparams["lr"] * 0.5)
-        controller.on_rollback(hparams)
-        if isinstance(controller, GradientObserver):
-            controller.observe_gradients(step_context(trainer))
-        changes = trainer.space.sanitize(controller.act(trainer.state()), controller.name)
-        assert all(math.isfinite(_as_float(v)) for v in changes.values())
+        probe = trainer.driver.sibling(controller, on_proposal=lambda raw: check_proposal(
+            controller.name, trainer.space, raw))
+        probe.rollback(hparams)
+        trainer.compute_gradients()
+        changes = probe.before_optimizer_step(trainer.step, epoch=trainer.epoch_float, budget=trainer.config.budget)
+        assert all(math.isfinite(to_float(v)) for v in changes.values())
 
 
 class TaskContract:

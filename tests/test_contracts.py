@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 from conftest import shared_data_dir
 
+from metacore.core.controller import Controller
 from metacore.core.registry import load_registry
-from metacore.testing import ControllerContract, TaskContract, registered_names
+from metacore.testing import ControllerContract, TaskContract, TinyTask, registered_names
 
 REGISTRY = load_registry()
 TASKS = registered_names(REGISTRY, "task")
@@ -55,3 +56,34 @@ class TestHeavyTasks(TaskContract):
     @pytest.fixture
     def data_dir(self):
         return shared_data_dir()
+
+
+# ---------------------------------------------------------------------------------------------------- faulty ones
+class _Faulty(Controller):
+    """Proposes one bad value from its second step on (the trainer alone would clip or reject it)."""
+
+    name = "faulty"
+    proposal: dict = {}
+
+    def act(self, state):
+        return dict(self.proposal) if state.step >= 1 else {}
+
+
+@pytest.mark.parametrize("proposal, fault", [
+    ({"no_such_hparam": 0.1}, "does not declare"),
+    ({"lr": float("nan")}, "non-finite"),
+    ({"lr": 1e6}, "outside the declared bounds"),
+    ({"lr": -0.1}, "outside the declared bounds"),
+    ({"lr": "0.1"}, "not a number"),
+    ({"lr": True}, "not a number"),
+])
+def test_controller_contract_catches_a_faulty_controller(proposal, fault):
+    faulty = type("Faulty", (_Faulty,), {"proposal": proposal})
+    contract = ControllerContract()
+    with pytest.raises(AssertionError, match=f"controller 'faulty'.*{fault}"):
+        contract.test_trains_within_bounds(lambda: faulty(), TinyTask())
+
+
+def test_controller_contract_passes_a_well_behaved_controller():
+    good = type("Good", (_Faulty,), {"proposal": {"lr": 0.02}})
+    ControllerContract().test_trains_within_bounds(lambda: good(), TinyTask())

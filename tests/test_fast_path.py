@@ -12,14 +12,14 @@ from metacore.core.trainer import Trainer, TrainerConfig
 torch = pytest.importorskip("torch")
 
 
-def _trainer(controller_name="static", steps=6, **cfg):
+def _trainer(controller_name="static", steps=6, controller=None, **cfg):
     registry = load_registry(entry_points=False)
     task = registry.task("digits").obj()
     preset = task.preset("smoke")
     hparams = task.hparam_space().defaults()
     ctx = TaskContext(preset, task.resolve_options(preset, {}), 0, "cpu", None, dict(hparams))
     config = TrainerConfig(budget=steps, log_interval=3, eval_interval=100, **cfg)
-    return Trainer(task, registry.controller(controller_name).obj(), ctx, hparams, config)
+    return Trainer(task, controller or registry.controller(controller_name).obj(), ctx, hparams, config)
 
 
 def test_compile_trains_through_the_compiled_model_and_keeps_plain_state_dicts(monkeypatch):
@@ -73,10 +73,7 @@ def test_fused_sgd_takes_the_hypergradient_rate_as_a_tensor():
     # the same run with the rate handed over as a tensor and as a float ends at the same rate and weights
     results = []
     for mode in ("on", "off"):
-        trainer = _trainer("hypergrad", steps=8)
-        controller = HypergradController(tensor_lr=mode)
-        trainer.controller = controller
-        controller.reset(dict(trainer.hparams), 0, trainer.space, 8)
+        trainer = _trainer("hypergrad", steps=8, controller=HypergradController(tensor_lr=mode))
         trainer.run()
         results.append((float(trainer.hparams["lr"]), [t.detach().clone() for t in trainer.model.parameters()]))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-6)

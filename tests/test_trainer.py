@@ -120,7 +120,7 @@ def test_val_loss_and_grads_leave_training_grads_alone():
     t.advance(1)
     for p in t.params:
         p.grad = None
-    loss, grads = t._val_loss_and_grads(t.params)
+    loss, grads = t.driver.val_loss_and_grads(t.params)
     assert math.isfinite(loss.item()) and len(grads) == len(t.params)
     assert all(p.grad is None for p in t.params)
 

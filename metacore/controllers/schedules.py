@@ -1,7 +1,8 @@
 """Fixed learning-rate schedules as baselines: ``cosine`` and ``linear-warmup`` (Hugging Face's default schedule).
 
 A schedule multiplies the initial learning rate by a factor of the step. After a divergence rollback the trainer
-halves the rate; the schedule keeps that as a persistent scale so it does not undo the halving.
+halves the rate; the schedule keeps that as a persistent scale so it does not undo the halving. Values stay inside
+the task's declared bounds (a warmup starting at 0 starts at the lower bound).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ class _Schedule(Controller):
         if "lr" not in self.initial:
             return {}
         lr = self.initial["lr"] * self.scale * self.factor(state.step)
+        if self.space is not None and "lr" in self.space:
+            lr = self.space["lr"].clip(lr)  # a warmup from 0 or a decay to 0 stops at the declared lower bound
         return {"lr": lr} if lr != state.hparams.get("lr") else {}
 
     def on_rollback(self, hparams: Mapping[str, float]) -> None:

@@ -29,3 +29,9 @@ class CheckpointError(MetacoreError):
 
 class ControllerError(MetacoreError):
     """A controller proposed a change that is not allowed (unknown name, non-finite value)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message (or its type's name), for one-line error reports."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

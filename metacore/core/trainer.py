@@ -16,14 +16,16 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from metacore.core.controller import Controller, GradientObserver, StepContext
+from metacore.core.controller import Controller
+from metacore.core.driver import ControllerDriver, param_group_writer
 from metacore.core.state import TrainingState
 from metacore.core.task import Task, TaskContext, TaskData
-from metacore.core.tracking import Tracker
+from metacore.core.values import floats, to_float
 
-RECENT_LOSSES = 32  # logged loss means kept in the TrainingState
+if TYPE_CHECKING:  # pragma: no cover
+    from metacore.core.tracking import Tracker
 
 
 @dataclass
@@ -67,20 +69,18 @@ class Trainer:
     def __init__(self, task: Task, controller: Controller, ctx: TaskContext, hparams: Mapping[str, float],
                  config: TrainerConfig, *, data: TaskData | None = None, tracker: Tracker | None = None,
                  run_id: str | None = None, on_log: Callable[[int], None] | None = None,
-                 should_stop: Callable[[], bool] | None = None) -> None:
+                 should_stop: Callable[[], bool] | None = None,
+                 on_proposal: Callable[[Mapping[str, Any]], None] | None = None) -> None:
         self.task, self.controller, self.ctx, self.config = task, controller, ctx, config
         self.should_stop = should_stop or (lambda: False)
+        self._on_proposal = on_proposal  # a test hook: every raw act() proposal, before it is sanitized
         self.log_floor = -1  # after a resume: steps up to here are already in the store, not logged again
         self.space = task.hparam_space()
-        self.hparams: dict[str, Any] = dict(hparams)
-        self._hp_cache: dict[str, float] = {}  # floats of the hyperparameters as last read back
+        self._initial_hparams: dict[str, Any] = dict(hparams)
         self.tracker, self.run_id, self.on_log = tracker, run_id, on_log
         self.step = 0
         self.epoch = 0
         self.pos = 0  # examples consumed in the current epoch
-        self.train_losses: list[float] = []
-        self.val_metrics: dict[str, float] = {}
-        self.val_history: list[float] = []
         self.best: dict[str, float] = {}
         self.rollbacks = 0
         self.extra_passes = 0  # forward/backward passes beyond the training steps' own (validation gradients)
@@ -106,14 +106,18 @@ class Trainer:
         self.data = data if data is not None else self.task.load_data(self.ctx)
         torch.manual_seed(seed)  # the model's initial weights depend on the seed only, not on data loading
         self.model = self.task.build_model(self.data, self.ctx).to(self.ctx.device)
-        self.optimizer = self.task.build_optimizer(self.model, self.hparams, self.ctx)
+        self.optimizer = self.task.build_optimizer(self.model, self._initial_hparams, self.ctx)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"] if p.requires_grad]
         self._train_model = torch.compile(self.model) if self.config.compile else self.model
         self._bf16 = (self.config.precision == "auto" and self.task.bf16_autocast
                       and str(self.ctx.device).startswith("cuda") and torch.cuda.is_bf16_supported())
-        self._apply(self.hparams)
-        self.controller.reset(dict(self.hparams), seed, self.space, self.config.budget)
-        self._observer = isinstance(self.controller, GradientObserver)
+        self._write_groups = param_group_writer(self.optimizer, self.space)
+        self.driver = ControllerDriver(
+            self.controller, self.space, params=self.params, optimizer=self.optimizer, write=self._write,
+            val_loss=self._val_loss, model=self.model, metric=self.task.primary_metric,
+            direction=self.task.direction, on_proposal=self._on_proposal, keep=self._request_keep,
+            go_back=self._request_go_back)
+        self.driver.start(self._initial_hparams, seed, self.config.budget)
         self._loss_sum = torch.zeros((), device=self.ctx.device)
         self._loss_n = 0
         self._interval_start = time.perf_counter()
@@ -146,27 +150,26 @@ class Trainer:
         return self.diverged or self.step >= self.config.budget
 
     # ------------------------------------------------------------------------------------------------ the loop
-    def state(self) -> TrainingState:
-        return TrainingState(
-            step=self.step, epoch=self.epoch_float, budget=self.config.budget,
-            train_loss=self.train_losses[-1] if self.train_losses else math.nan,
-            train_losses=tuple(self.train_losses), val_metrics=dict(self.val_metrics),
-            hparams=self._state_hparams(),
-            primary_metric=self.task.primary_metric, direction=self.task.direction,
-            val_history=tuple(self.val_history), rollbacks=self.rollbacks,
-        )
+    @property
+    def hparams(self) -> Mapping[str, Any]:
+        """The hyperparameters in force (read-only; the driver writes them)."""
+        return self.driver.hparams
 
-    def _state_hparams(self) -> dict[str, float]:
-        """Float hyperparameters for the state. A value kept as a tensor on an accelerator (a hypergradient rate) is
-        read back once, then only at logging intervals: reading it every step would be a host sync per step."""
-        out = {}
-        for k, v in self.hparams.items():
-            device = getattr(v, "device", None)
-            if device is not None and device.type != "cpu" and k in self._hp_cache:
-                out[k] = self._hp_cache[k]
-            else:
-                out[k] = self._hp_cache[k] = _to_float(v)
-        return out
+    @property
+    def train_losses(self) -> list[float]:
+        return self.driver.train_losses
+
+    @property
+    def val_metrics(self) -> dict[str, float]:
+        return self.driver.val_metrics
+
+    @property
+    def val_history(self) -> list[float]:
+        return self.driver.val_history
+
+    def state(self) -> TrainingState:
+        return self.driver.state(self.step, epoch=self.epoch_float, budget=self.config.budget,
+                                 rollbacks=self.rollbacks)
 
     def advance(self, n: int) -> TrainingState:
         """Run up to ``n`` optimizer steps (fewer at the end of the budget) and return the state."""
@@ -183,26 +186,14 @@ class Trainer:
         return self.finish()
 
     def _train_step(self) -> None:
-        model, opt = self.model, self.optimizer
-        batch = self.task.train_batch(self.data, self._next_indices(self.hparams.get("batch_size", 32)), self.ctx)
-        if not model.training:  # evaluation switches to eval and back; a per-step train() walks every module
-            model.train()
-        opt.zero_grad(set_to_none=True)
-        with self._autocast():
-            loss = self.task.loss(self._train_model, batch)
-        loss.backward()
-        step_ctx = None
-        if self._observer:
-            step_ctx = self._step_context(loss.detach())
-            self.controller.observe_gradients(step_ctx)
-        changes = self.controller.act(self.state())
-        if changes:
-            self._apply(self.space.sanitize(changes, self.controller.name))
+        opt = self.optimizer
+        loss = self._backward(self._next_indices(self.hparams.get("batch_size", 32)))
+        self.driver.before_optimizer_step(self.step, epoch=self.epoch_float, budget=self.config.budget,
+                                          rollbacks=self.rollbacks, loss=loss.detach())
         opt.step()
-        if step_ctx is not None:
-            self.controller.after_step(step_ctx)
-            if self._pending:
-                self._keep_or_go_back()
+        self.driver.after_optimizer_step()
+        if self._pending:
+            self._keep_or_go_back()
         self._loss_sum += loss.detach()
         self._loss_n += 1
         self._interval_steps += 1
@@ -214,13 +205,6 @@ class Trainer:
         ci = self.config.checkpoint_interval
         if ci and self.config.checkpoint_dir and self.step % ci == 0 and self.step < self.config.budget:
             self.save_checkpoint()
-
-    def _step_context(self, loss: Any = None) -> StepContext:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        params = [p for p in self.params if p.grad is not None]
-        return StepContext(step=self.step, params=params, grads=grads, optimizer=self.optimizer,
-                           hparams=self.hparams, val_loss_and_grads=lambda: self._val_loss_and_grads(params),
-                           loss=loss, keep=self._request_keep, go_back=self._request_go_back)
 
     def _request_keep(self) -> None:
         self._pending = "keep"
@@ -238,12 +222,31 @@ class Trainer:
         elif self._kept is not None:
             self.model.load_state_dict(self._kept["model"])
             self.optimizer.load_state_dict(self._kept["optimizer"])
-            self._apply(self.hparams)  # the optimizer's groups keep the rates in force, not the copy's
+            self._write(dict(self.hparams))  # the optimizer's groups keep the rates in force, not the copy's
             self._kept = None  # one way back per copy; it is not carried in later checkpoints
         self._pending = None
 
-    def _val_loss_and_grads(self, params):
-        """Loss and gradients of one validation batch (drawn from the seed), leaving ``.grad`` untouched."""
+    def _backward(self, indices):
+        """Forward and backward the training examples ``indices``; the loss stays on the device."""
+        model = self.model
+        batch = self.task.train_batch(self.data, indices, self.ctx)
+        if not model.training:  # evaluation switches to eval and back; a per-step train() walks every module
+            model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = self.task.loss(self._train_model, batch)
+        loss.backward()
+        return loss
+
+    def compute_gradients(self):
+        """Forward and backward the first training examples (one batch) without stepping or moving the data order:
+        the gradients a gradient observer would see now, for probing a controller (``metacore.testing``)."""
+        import torch
+
+        self._backward(torch.arange(min(int(self.hparams.get("batch_size", 32)), self.data.train_size)))
+
+    def _val_loss(self):
+        """The loss of one validation batch drawn from the seed and the step (the driver takes its gradients)."""
         import torch
 
         self.extra_passes += 1
@@ -253,13 +256,8 @@ class Trainer:
         bs = int(min(n, self.hparams.get("batch_size", 32)))
         idx = torch.randperm(n, generator=gen)[:bs]
         batch = tuple(t[idx].to(self.ctx.device, non_blocking=True) for t in val)
-        was_training = self.model.training
-        self.model.eval()
         with self._autocast():
-            loss = self.task.loss(self.model, batch)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        self.model.train(was_training)
-        return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+            return self.task.loss(self.model, batch)
 
     def _autocast(self):
         """bf16 autocast on CUDA for tasks that declare it safe (``precision="auto"``), else nothing."""
@@ -269,17 +267,13 @@ class Trainer:
 
         return torch.autocast("cuda", dtype=torch.bfloat16)
 
-    def _apply(self, changes: Mapping[str, Any]) -> None:
-        """Write hyperparameters where they act: every optimizer param group, the model, or the data pipeline."""
+    def _write(self, changes: Mapping[str, Any]) -> None:
+        """Write hyperparameters where they act: every optimizer param group, the model (the data pipeline reads
+        ``hparams`` itself)."""
+        self._write_groups(changes)
         for name, value in changes.items():
-            spec = self.space[name]
-            self.hparams[name] = value
-            if spec.acts_on == "optimizer":
-                for group in self.optimizer.param_groups:
-                    if spec.key in group:
-                        spec.write(group, value)
-            elif spec.acts_on == "model":
-                self.task.apply_model_hparam(self.model, name, _to_float(value))
+            if self.space[name].acts_on == "model":
+                self.task.apply_model_hparam(self.model, name, to_float(value))
 
     # ------------------------------------------------------------------------------------------------ logging
     def _log_interval(self) -> None:
@@ -296,12 +290,8 @@ class Trainer:
         if not math.isfinite(mean_loss) or exploded:
             self._rollback()
             return
-        self.train_losses = (self.train_losses + [mean_loss])[-RECENT_LOSSES:]
-        metrics = {"train/loss": mean_loss, "system/step_time_ms": step_ms}
-        self._hp_cache = {k: _to_float(v) for k, v in self.hparams.items()}
-        metrics.update({f"hparam/{k}": v for k, v in self._hp_cache.items()})
-        metrics.update({f"controller/{k}": _to_float(v) for k, v in self.controller.diagnostics().items()})
-        self._log(metrics)
+        self.driver.record_loss(mean_loss)
+        self._log({"train/loss": mean_loss, "system/step_time_ms": step_ms, **self.driver.log_metrics()})
         self._snapshot = self._take_snapshot()
         if self.on_log:
             self.on_log(self.step)
@@ -319,8 +309,7 @@ class Trainer:
         self.model.train()
         if split == "val":
             self._last_val_step = self.step
-            self.val_metrics = metrics
-            self.val_history.append(metrics[self.task.primary_metric])
+            self.driver.record_eval(metrics)
             for name, value in metrics.items():
                 better = max if self.task.metrics.get(name, "max") == "max" else min
                 key = f"val/{name}"
@@ -341,17 +330,15 @@ class Trainer:
         snap = self._snapshot
         self.model.load_state_dict(snap.model)
         self.optimizer.load_state_dict(snap.optimizer)
-        self.controller.load_state_dict(snap.controller)
         hparams = dict(snap.hparams)
         if self.rollbacks > self.config.max_rollbacks:  # give up; the last good weights are what gets evaluated
             self.diverged = True
-            self._apply(hparams)
+            self.driver.rollback(hparams, snap.controller, notify=False)
             return
         if self.config.lr_name in self.space:
             spec = self.space[self.config.lr_name]
-            hparams[spec.name] = spec.clip(_to_float(hparams[spec.name]) * 0.5)
-        self._apply(hparams)
-        self.controller.on_rollback({k: _to_float(v) for k, v in hparams.items()})
+            hparams[spec.name] = spec.clip(to_float(hparams[spec.name]) * 0.5)
+        self.driver.rollback(hparams, snap.controller)
         self._snapshot = self._take_snapshot()
 
     # ------------------------------------------------------------------------------------------------ the end
@@ -371,8 +358,7 @@ class Trainer:
             self.save_checkpoint()
         if self.tracker is not None and self.run_id is not None:
             self.tracker.flush(self.run_id)
-        hparams_final = {k: int(_to_float(v)) if self.space[k].integer else _to_float(v)
-                         for k, v in self.hparams.items()}
+        hparams_final = {k: int(v) if self.space[k].integer else v for k, v in floats(self.hparams).items()}
         return RunResult(steps=self.step, wall_s=round(self.wall_s, 3), final=final, best=dict(self.best),
                          hparams_final=hparams_final,
                          diverged=self.diverged, rollbacks=self.rollbacks, compute_ratio=self.compute_ratio)
@@ -392,10 +378,8 @@ class Trainer:
         payload = {
             "step": self.step, "epoch": self.epoch, "pos": self.pos,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "controller": self.controller.state_dict(),
-            "hparams": {k: _to_float(v) for k, v in self.hparams.items()},
-            "train_losses": list(self.train_losses), "val_metrics": dict(self.val_metrics),
-            "val_history": list(self.val_history), "best": dict(self.best), "rollbacks": self.rollbacks,
+            **self.driver.state_dict(),  # controller, hparams, train_losses, val_metrics, val_history
+            "best": dict(self.best), "rollbacks": self.rollbacks,
             "extra_passes": self.extra_passes, "kept": self._kept,
             "wall_s": self.wall_s, "first_loss": self._first_loss, "last_val_step": self._last_val_step,
             "loss_sum": self._loss_sum.detach().cpu(), "loss_n": self._loss_n, "diverged": self.diverged,
@@ -422,12 +406,8 @@ class Trainer:
 
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
-        self.controller.load_state_dict(payload["controller"])
-        self._apply(dict(payload["hparams"]))
+        self.driver.load_state_dict(payload)
         self.step, self.epoch, self.pos = int(payload["step"]), int(payload["epoch"]), int(payload["pos"])
-        self.train_losses = list(payload["train_losses"])
-        self.val_metrics = dict(payload["val_metrics"])
-        self.val_history = list(payload["val_history"])
         self.best = dict(payload["best"])
         self.rollbacks = int(payload["rollbacks"])
         self.extra_passes = int(payload.get("extra_passes", 0))
@@ -452,10 +432,6 @@ class Trainer:
 def _python_rng_state() -> list:
     version, internal, gauss = random.getstate()
     return [version, list(internal), gauss]
-
-
-def _to_float(value: Any) -> float:
-    return float(value.item()) if hasattr(value, "item") else float(value)
 
 
 def _clone(obj: Any) -> Any:

@@ -43,14 +43,14 @@ from typing import Any, Iterable, Mapping
 
 from transformers import TrainerCallback
 
-from metacore.core.controller import Controller, GradientObserver, StepContext
+from metacore.core.controller import Controller
+from metacore.core.driver import ControllerDriver
 from metacore.core.errors import ControllerError, UsageError
 from metacore.core.hparams import HParamSpace, HParamSpec
-from metacore.core.state import TrainingState
+from metacore.core.values import floats, to_float
 
 SCHEDULE_MODES = ("override", "scale")
 STATE_FILE = "metacore_controller.pt"  # saved in each Trainer checkpoint folder
-RECENT_LOSSES = 32
 
 
 def optimizer_hparam_space(optimizer: Any, bounds: Mapping[str, tuple[float, float]] | None = None) -> HParamSpace:
@@ -91,10 +91,6 @@ def _inner(optimizer: Any) -> Any:
     return getattr(optimizer, "optimizer", optimizer)
 
 
-def _to_float(value: Any) -> float:
-    return float(value.item()) if hasattr(value, "item") else float(value)
-
-
 class MetacoreCallback(TrainerCallback):
     """Let a metacore controller set a ``transformers.Trainer``'s hyperparameters before every optimizer step.
 
@@ -126,18 +122,31 @@ class MetacoreCallback(TrainerCallback):
         self.space: HParamSpace | None = space
         self.metric, self.direction = metric, direction
         self.val_data = val_data
-        self.hparams: dict[str, Any] = {}
+        self.driver: ControllerDriver | None = None  # made at on_train_begin, when the optimizer exists
         self.history: list[tuple[int, dict[str, float]]] = []  # (global step, values the optimizer used)
-        self.train_losses: list[float] = []
-        self.val_metrics: dict[str, float] = {}
-        self.val_history: list[float] = []
-        self._observer = isinstance(self.controller, GradientObserver)
         self._groups: list[dict] = []
         self._initial: list[dict[str, Any]] = []
         self._sched_lrs: list[Any] = []
-        self._step_ctx: StepContext | None = None
+        self._model: Any = None
         self._val_iter: Any = None
         self._started = False
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The controller's values in force (empty before training starts)."""
+        return self.driver.hparams if self.driver is not None else {}
+
+    @property
+    def train_losses(self) -> list[float]:
+        return self.driver.train_losses if self.driver is not None else []
+
+    @property
+    def val_metrics(self) -> dict[str, float]:
+        return self.driver.val_metrics if self.driver is not None else {}
+
+    @property
+    def val_history(self) -> list[float]:
+        return self.driver.val_history if self.driver is not None else []
 
     # ------------------------------------------------------------------------------------------------ set-up
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
@@ -148,9 +157,13 @@ class MetacoreCallback(TrainerCallback):
         keys = {s.name: s.key for s in self.space if s.acts_on == "optimizer"}
         self._initial = [{k: g.get("initial_lr", g["lr"]) if k == "lr" else g.get(k) for k in keys.values()}
                          for g in self._groups]
-        self.hparams = self.space.defaults()
-        self.controller.reset(dict(self.hparams), int(args.seed), self.space, int(state.max_steps))
-        self._params = [p for g in self._groups for p in g["params"] if p.requires_grad]
+        self._sched_lrs = [g["lr"] for g in self._groups]
+        self._model = kwargs.get("model")
+        self.driver = ControllerDriver(
+            self.controller, self.space, params=[p for g in self._groups for p in g["params"] if p.requires_grad],
+            optimizer=_inner(optimizer), write=lambda changes: self._write_groups(), val_loss=self._val_loss,
+            model=self._model, metric=self.metric, direction=self.direction, write_every_step=True)
+        self.driver.start(self.space.defaults(), int(args.seed), int(state.max_steps), write=False)
         self._started = True
         if state.global_step > 0:  # Trainer resumed from a checkpoint: continue the controller saved with it
             self._load(Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE)
@@ -162,41 +175,25 @@ class MetacoreCallback(TrainerCallback):
             return
         import torch
 
-        torch.save({"controller": self.controller.state_dict(),
-                    "hparams": {k: _to_float(v) for k, v in self.hparams.items()},
-                    "train_losses": list(self.train_losses), "val_metrics": dict(self.val_metrics),
-                    "val_history": list(self.val_history)}, folder / STATE_FILE)
+        torch.save(self.driver.state_dict(), folder / STATE_FILE)
 
     def _load(self, path: Path) -> None:
         import torch
 
         if not path.is_file():
             return  # a checkpoint written without this callback: the controller starts afresh
-        saved = torch.load(path, weights_only=True)
-        self.controller.load_state_dict(saved["controller"])
-        self.hparams.update(self.space.sanitize(saved["hparams"], self.controller.name or "controller"))
-        self.train_losses = list(saved["train_losses"])
-        self.val_metrics = dict(saved["val_metrics"])
-        self.val_history = list(saved["val_history"])
+        self.driver.load_state_dict(torch.load(path, weights_only=True))
 
     # ------------------------------------------------------------------------------------------------ each step
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
         if not self._started:
             return
         self._sched_lrs = [g["lr"] for g in self._groups]  # the scheduler's values for this step
-        self._step_ctx = None
-        if self._observer:
-            params = [p for p in self._params if p.grad is not None]
-            self._step_ctx = StepContext(
-                step=state.global_step, params=params, grads=[p.grad for p in params], optimizer=_inner(optimizer),
-                hparams=self.hparams, val_loss_and_grads=lambda: self._val_loss_and_grads(model, params))
-            self.controller.observe_gradients(self._step_ctx)
-        changes = self.controller.act(self._training_state(state))
-        if changes:
-            self.hparams.update(self.space.sanitize(changes, self.controller.name or "controller"))
-        self._write_groups()
-        self.history.append((state.global_step, {k: _to_float(v) for k, v in self.hparams.items()}
-                             | {"lr_used": _to_float(self._groups[0]["lr"])}))
+        if model is not None:
+            self._model = self.driver.model = model
+        self.driver.before_optimizer_step(int(state.global_step), epoch=float(state.epoch or 0.0),
+                                          budget=int(state.max_steps))  # observe, act, sanitize, write the groups
+        self.history.append((state.global_step, floats(self.hparams) | {"lr_used": to_float(self._groups[0]["lr"])}))
         scheduler = kwargs.get("lr_scheduler")
         target = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
         if target is not None and hasattr(target, "_last_lr"):
@@ -205,9 +202,7 @@ class MetacoreCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         if not self._started:
             return
-        if self._step_ctx is not None:
-            self.controller.after_step(self._step_ctx)
-            self._step_ctx = None
+        self.driver.after_optimizer_step()
         for group, lr in zip(self._groups, self._sched_lrs, strict=True):
             group["lr"] = lr  # the scheduler continues from its own value
 
@@ -235,50 +230,32 @@ class MetacoreCallback(TrainerCallback):
                     new = 0.0  # a group that started at 0 while others did not (no-decay group) stays at 0
                 spec.write(group, new)
 
-    def _training_state(self, state) -> TrainingState:
-        return TrainingState(
-            step=int(state.global_step), epoch=float(state.epoch or 0.0), budget=int(state.max_steps),
-            train_loss=self.train_losses[-1] if self.train_losses else math.nan,
-            train_losses=tuple(self.train_losses), val_metrics=dict(self.val_metrics),
-            hparams={k: _to_float(v) for k, v in self.hparams.items()}, primary_metric=self.metric,
-            direction=self.direction, val_history=tuple(self.val_history))
-
-    def _val_loss_and_grads(self, model, params):
-        import torch
-
+    def _val_loss(self):
+        """The loss of the next ``val_data`` batch (cycled); the driver takes its gradients in eval mode."""
         if self.val_data is None:
             raise ControllerError(f"controller {self.controller.name} asks for validation gradients: pass "
                                   "MetacoreCallback(..., val_data=<an iterable of model-input batches>)")
         if self._val_iter is None:
             self._val_iter = itertools.cycle(self.val_data)
+        params = self.driver.params
         device = params[0].device if params else "cpu"
         batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in next(self._val_iter).items()}
-        was_training = model.training
-        model.eval()
-        try:
-            out = model(**batch)
-            loss = out["loss"] if isinstance(out, Mapping) or hasattr(out, "keys") else out[0]
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-        finally:
-            model.train(was_training)
-        return loss.detach(), [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+        out = self._model(**batch)
+        return out["loss"] if isinstance(out, Mapping) or hasattr(out, "keys") else out[0]
 
     # ------------------------------------------------------------------------------------------------ feedback, logs
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if not metrics:
+        if not metrics or self.driver is None:
             return
-        self.val_metrics = {k.removeprefix("eval_"): float(v) for k, v in metrics.items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self.metric in self.val_metrics:
-            self.val_history.append(self.val_metrics[self.metric])
+        self.driver.record_eval({k.removeprefix("eval_"): float(v) for k, v in metrics.items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self._started or logs is None or not ("loss" in logs or "learning_rate" in logs):
             return  # only training logs (not evaluation metrics, not the end-of-training summary)
-        if isinstance(logs.get("loss"), (int, float)) and math.isfinite(logs["loss"]):
-            self.train_losses = (self.train_losses + [float(logs["loss"])])[-RECENT_LOSSES:]
-        extra = {f"hparam/{k}": _to_float(v) for k, v in self.hparams.items()}
-        extra.update({f"controller/{k}": _to_float(v) for k, v in self.controller.diagnostics().items()})
+        if isinstance(logs.get("loss"), (int, float)):
+            self.driver.record_loss(float(logs["loss"]))
+        extra = self.driver.log_metrics()
         logs.update(extra)  # callbacks after this one see them
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)  # Trainer appended this entry just before calling on_log

@@ -79,7 +79,8 @@ class PPOController(Controller):
         changes = {}
         for name, a in zip(self.policy.hparams, actions, strict=True):
             factor = math.exp(a * self.policy.max_log_step)
-            changes[name] = state.hparams[name] * factor
+            value = state.hparams[name] * factor
+            changes[name] = self.space[name].clip(value) if self.space is not None and name in self.space else value
             if name == "lr":
                 self._last_factor = factor
         return changes
