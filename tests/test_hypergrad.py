@@ -368,7 +368,7 @@ def test_rollback_reaches_the_controller():
     ctrl = HypergradController()
     trainer = _digits_trainer(ctrl, 30, {"lr": 0.01})
     trainer.advance(7)  # a snapshot at step 5
-    lr_snapshot = trainer._snapshot.hparams["lr"]
+    lr_snapshot = trainer.guard.snapshot.hparams["lr"]
     with torch.no_grad():
         next(trainer.model.parameters()).fill_(float("nan"))  # the next logged loss is NaN: rollback
     trainer.advance(3)

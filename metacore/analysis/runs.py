@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metacore.core.errors import TrackingError, UsageError
+from metacore.core.errors import TrackingError, UsageError, first_line
+from metacore.core.tracking import sqlite_path
 
 TRAINING_ROLES = ("controller", "baseline")
 History = list[tuple[int, float]]
@@ -117,14 +118,14 @@ class MlflowRunSource(RunSource):
                 client = MlflowClient(tracking_uri=self.uri)
                 client.search_experiments(max_results=1)
             except Exception as exc:
-                raise TrackingError(f"cannot open the MLflow store {self.uri}: {_first_line(exc)}") from None
+                raise TrackingError(f"cannot open the MLflow store {self.uri}: {first_line(exc)}") from None
         self.client = client
         self._summaries: dict[str, dict | None] = {}
 
     def _check_local_store(self) -> None:
         """Reading must not create an empty store where the user mistyped a path."""
-        if self.uri.startswith("sqlite:///"):
-            db = Path(self.uri[len("sqlite:///"):])
+        db = sqlite_path(self.uri)
+        if db is not None:
             if not db.is_file():
                 raise UsageError(f"no MLflow store at {db} (run `metacore run` first, or pass --tracking-uri)")
 
@@ -225,6 +226,3 @@ def source_for_tracker(tracker: Any) -> RunSource | None:
     return None
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

@@ -60,6 +60,15 @@ def t_interval(mean: float, std: float, n: int, confidence: float = 0.95) -> lis
     return [mean - half, mean + half]
 
 
+def sample_std(values: Sequence[float]) -> float | None:
+    """The sample standard deviation (ddof=1) of ``values``, the spread every metacore table reports; None for
+    fewer than two values."""
+    import numpy as np
+
+    arr = np.asarray(values, dtype=float)
+    return float(arr.std(ddof=1)) if arr.size > 1 else None
+
+
 def summarize(values: Sequence[float | None]) -> Summary:
     """n, mean, sample std and 95% t-interval of the finite values (missing or non-finite ones are left out)."""
     import numpy as np
@@ -70,7 +79,7 @@ def summarize(values: Sequence[float | None]) -> Summary:
         return Summary(0, None, None, None)
     arr = np.asarray(xs, dtype=float)
     mean = float(arr.mean())
-    std = float(arr.std(ddof=1)) if n > 1 else None
+    std = sample_std(arr)
     return Summary(n, mean, std, t_interval(mean, std, n) if std is not None else None, float(arr.min()),
                    float(arr.max()))
 
@@ -113,7 +122,7 @@ def paired_delta(controller: Sequence[float | None], baseline: Sequence[float | 
         return PairedDelta(0, None, None, None, None, wins, losses, ties)
     arr = np.asarray(diffs)
     mean = float(arr.mean())
-    std = float(arr.std(ddof=1)) if n > 1 else None
+    std = sample_std(arr)
     ci = t_interval(mean, std, n) if std is not None else None
     p_value = None
     if n > 1 and std is not None and std > 0:

@@ -37,6 +37,7 @@ from metacore.core.hookspecs import hookimpl
 from metacore.core.hparams import HParamSpace
 from metacore.core.options import OptionSpec
 from metacore.core.state import TrainingState
+from metacore.core.values import to_float
 
 ROLES = ("lr", "momentum", "weight_decay")
 SPACE_KIND = {"lr": "log", "momentum": "logit", "weight_decay": "logshift"}
@@ -227,7 +228,7 @@ class HypergradController(Controller):
             "weight_decay" in self.names and self.family == "adam" and not _decoupled(opt.param_groups[0]))
         self._mom = [[torch.zeros_like(p) for p in g] for g in self._params] if needs_mom else None
         self._bound = True
-        self.values = {role: self._as_value(role, _plain(v)) for role, v in self.values.items()}
+        self.values = {role: self._as_value(role, to_float(v)) for role, v in self.values.items()}
         if self._loaded is not None:
             self._load_buffers(self._loaded)
             self._loaded = None
@@ -357,17 +358,17 @@ class HypergradController(Controller):
                 continue
             ids = {id(p) for p in ps}
             mom_prev = [b for p, b in zip(self._params[gi], self._mom[gi], strict=True) if id(p) in ids]
-            lr = _plain(group["lr"])
+            lr = to_float(group["lr"])
             if self.family == "sgd":
                 sens = mom_prev  # ∂θ_t/∂μ = -α buf_{s-1}
                 scale = -lr
             else:
-                beta1, beta2 = (_plain(b) for b in group["betas"])
+                beta1, beta2 = (to_float(b) for b in group["betas"])
                 states = [opt.state[p] for p in ps]
                 k = float(states[0]["step"])
                 sens = hm.adam_beta1_sensitivity(mom_prev, [s["exp_avg"] for s in states],
                                                  [s["exp_avg_sq"] for s in states], k, beta1, beta2,
-                                                 _plain(group["eps"]), lr)
+                                                 to_float(group["eps"]), lr)
                 scale = 1.0
             d = hm.dot(gs, sens).double() * scale
             h = h + d
@@ -383,20 +384,20 @@ class HypergradController(Controller):
         for gi, (group, ps, gs, bs) in enumerate(zip(opt.param_groups, params, grads, prevs, strict=True)):
             if not ps:
                 continue
-            lr = _plain(group["lr"])
+            lr = to_float(group["lr"])
             if self.family == "adam" and not _decoupled(group):
                 ids = {id(p) for p in ps}
                 mom_prev = [b for p, b in zip(self._params[gi], self._mom[gi], strict=True) if id(p) in ids]
                 states = [opt.state[p] for p in ps]
-                beta1, beta2 = (_plain(b) for b in group["betas"])
+                beta1, beta2 = (to_float(b) for b in group["betas"])
                 sens = hm.adam_l2_sensitivity(bs, mom_prev, [s["exp_avg"] for s in states],
                                               [s["exp_avg_sq"] for s in states], float(states[0]["step"]),
-                                              beta1, beta2, _plain(group["eps"]), lr)
+                                              beta1, beta2, to_float(group["eps"]), lr)
                 d = hm.dot(gs, sens).double()
                 n = hm.norm(sens).double()
             else:
                 if self.family == "sgd":
-                    c = hm.sgd_wd_coefficient(_plain(group["momentum"]), _plain(group["dampening"]),
+                    c = hm.sgd_wd_coefficient(to_float(group["momentum"]), to_float(group["dampening"]),
                                               bool(group["nesterov"]), self._had_buf)
                 else:
                     c = 1.0
@@ -502,10 +503,6 @@ def _takes_tensor_lr(opt: Any) -> bool:
 
 def _plain_or_tensor(value: Any) -> Any:
     return value.detach() if hasattr(value, "detach") else float(value)
-
-
-def _plain(value: Any) -> float:
-    return float(value.item()) if hasattr(value, "item") else float(value)
 
 
 @hookimpl

@@ -77,3 +77,19 @@ def load_latest(directory: str | Path, map_location: Any = "cpu") -> tuple[Path,
             continue
         return path, torch.load(path, map_location=map_location, weights_only=True)
     raise CheckpointError(f"no intact checkpoint in {directory}")
+
+
+# What a trainer checkpoint holds; older payloads without the optional keys still resume.
+PAYLOAD_KEYS = ("step", "epoch", "pos", "model", "optimizer", "controller", "hparams", "train_losses", "val_metrics",
+                "val_history", "best", "rollbacks", "wall_s", "first_loss", "loss_sum", "loss_n", "rng")
+OPTIONAL_KEYS = ("last_val_step", "diverged", "extra_passes", "kept")
+
+
+def check_payload(payload: Any, source: str = "the checkpoint") -> None:
+    """Raise :class:`CheckpointError` (exit 2, saying why) for a payload a trainer cannot continue from."""
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{source} holds a {type(payload).__name__}, not a metacore trainer checkpoint")
+    missing = [k for k in PAYLOAD_KEYS if k not in payload]
+    if missing:
+        raise CheckpointError(f"{source} lacks {', '.join(missing)}: it was not written by a metacore trainer this "
+                              "version can continue; start the run afresh")

@@ -31,7 +31,10 @@ class ControllerError(MetacoreError):
     """A controller proposed a change that is not allowed (unknown name, non-finite value)."""
 
 
-def first_line(exc: BaseException) -> str:
-    """The first non-empty line of an exception's message (or its type's name), for one-line error reports."""
+def first_line(exc: BaseException, *, with_type: bool = False) -> str:
+    """The first line of an exception's message (its type's name if it has none), for one-line error reports;
+    ``with_type``: prefixed with the type's name (``OSError: ...``)."""
     lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    if not with_type:
+        return lines[0] if lines else type(exc).__name__
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")

@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import pluggy
 
 from metacore.core import hookspecs
-from metacore.core.errors import RegistryError, UsageError
+from metacore.core.errors import RegistryError, UsageError, first_line
 
 ENTRY_POINT_GROUP = "metacore"
 
@@ -84,7 +84,7 @@ def get_plugin_manager(plugins: Iterable[Any] | None = None, *, entry_points: bo
             try:
                 module = importlib.import_module(plugin)
             except Exception as exc:  # a broken built-in is reported, not fatal
-                pm.failures[plugin] = _one_line(exc)
+                pm.failures[plugin] = first_line(exc, with_type=True)
                 continue
             pm.register(module, name=plugin)
         else:
@@ -102,17 +102,12 @@ def _load_entry_points(pm: PluginManager) -> None:
         try:
             plugin = ep.load()
         except Exception as exc:
-            pm.failures[ep.name] = _one_line(exc)
+            pm.failures[ep.name] = first_line(exc, with_type=True)
             continue
         pm.register(plugin, name=ep.name)
         dist = getattr(ep, "dist", None)
         if dist is not None:
             pm.distributions[ep.name] = f"{dist.metadata['Name']} {dist.version}"
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
 def build_registry(pm: PluginManager | None = None) -> Registry:
@@ -135,7 +130,7 @@ def build_registry(pm: PluginManager | None = None) -> Registry:
             except RegistryError:
                 raise
             except Exception as exc:
-                registry.failures[plugin_name] = _one_line(exc)
+                registry.failures[plugin_name] = first_line(exc, with_type=True)
     return registry
 
 

@@ -45,6 +45,28 @@ class RunRequest:
 
 
 @dataclass
+class Role:
+    """One side of a run: ``role`` (controller|baseline), the registered controller's name, its class and options.
+
+    The controller built while planning (which validated the options) serves the first child run; later seeds get
+    fresh ones, so each child run's controller is instantiated exactly once.
+    """
+
+    role: str
+    name: str
+    cls: type
+    config: dict[str, Any]
+    _validated: Any = field(default=None, repr=False, compare=False)
+
+    def controller(self) -> Any:
+        made, self._validated = self._validated, None
+        return made if made is not None else self.cls(**self.config)
+
+    def __iter__(self):  # unpacks as the (role, name, class, options) tuple plans used to hold
+        return iter((self.role, self.name, self.cls, self.config))
+
+
+@dataclass
 class Plan:
     """A validated request: the objects a run needs, built before any side effect."""
 
@@ -53,7 +75,7 @@ class Plan:
     preset: Preset
     options: dict[str, Any]
     hparams: dict[str, float]
-    roles: list[tuple[str, str, type, dict[str, Any]]]  # (role, controller name, class, options)
+    roles: list[Role]
     device: str
     data_dir: Path | None
     plugins: dict[str, str]  # name -> plugin it came from
@@ -88,15 +110,17 @@ def plan_run(request: RunRequest, registry: Registry | None = None) -> Plan:
 
     suggested = task.controller_defaults(options)
 
-    def _config(cls: type, given: dict[str, Any]) -> dict[str, Any]:  # the task's suggestions, then the user's
-        return cls(**{**{k: v for k, v in suggested.items() if k in cls.options}, **given}).config
+    def _role(role: str, entry: Any, given: dict[str, Any]) -> Role:  # the task's suggestions, then the user's
+        cls = entry.obj
+        controller = cls(**{**{k: v for k, v in suggested.items() if k in cls.options}, **given})
+        return Role(role, entry.name, cls, controller.config, controller)
 
     ctrl_entry = registry.controller(request.controller)
-    roles = [("controller", ctrl_entry.name, ctrl_entry.obj, _config(ctrl_entry.obj, request.controller_sets))]
+    roles = [_role("controller", ctrl_entry, request.controller_sets)]
     plugins = {task.name: task_entry.plugin, ctrl_entry.name: ctrl_entry.plugin}
     if request.baseline:
         base_entry = registry.controller(request.baseline)
-        roles.append(("baseline", base_entry.name, base_entry.obj, _config(base_entry.obj, {})))
+        roles.append(_role("baseline", base_entry, {}))
         plugins[base_entry.name] = base_entry.plugin
     data_dir = request.data_dir or os.environ.get("METACORE_DATA_DIR")
     if data_dir and not Path(data_dir).is_dir():
@@ -176,8 +200,8 @@ def execute(plan: Plan, tracker: Tracker | None = None, progress: Any = None, *,
     status = "FAILED"
     try:
         for seed in range(req.seed, req.seed + req.seeds):
-            for role, name, cls, config in plan.roles:
-                child = existing.get((str(seed), role))
+            for spec in plan.roles:
+                child = existing.get((str(seed), spec.role))
                 if child and child["status"] == "FINISHED" and "metacore.result" in child["tags"]:
                     summary["runs"].append(json.loads(child["tags"]["metacore.result"]))
                     continue
@@ -185,9 +209,9 @@ def execute(plan: Plan, tracker: Tracker | None = None, progress: Any = None, *,
                                   dict(plan.hparams))
                 if seed not in data_cache:
                     data_cache = {seed: task.load_data(ctx)}  # one seed's data at a time
-                summary["runs"].append(_run_one(plan, tracker, experiment, parent_id, ctx, data_cache[seed], role,
-                                                name, cls(**config), config, child, ckpt_root, progress,
-                                                should_stop))
+                summary["runs"].append(_run_one(plan, tracker, experiment, parent_id, ctx, data_cache[seed],
+                                                spec.role, spec.name, spec.controller(), spec.config, child,
+                                                ckpt_root, progress, should_stop))
         status = "FINISHED"
     except RunInterrupted:
         status = "KILLED"
@@ -260,8 +284,7 @@ def _run_one(plan: Plan, tracker: Tracker, experiment: str, parent_id: str, ctx:
         trainer = Trainer(task, controller, ctx, plan.hparams, cfg, data=data, tracker=tracker, run_id=run_id,
                           on_log=on_log, should_stop=should_stop)
         if payload is not None:
-            trainer.restore(payload)
-            trainer.log_floor = tracker.last_logged_step(run_id)
+            trainer.restore(payload, logged_until=tracker.last_logged_step(run_id))
             if on_log:
                 on_log(trainer.step)
         trainer.advance(budget - trainer.step)

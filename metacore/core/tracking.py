@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
-from metacore.core.errors import TrackingError
+from metacore.core.errors import TrackingError, first_line
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow_runs/mlflow.db"
 FLUSH_EVERY = 500  # buffered metric values per run before a write
@@ -25,6 +25,11 @@ FLUSH_EVERY = 500  # buffered metric values per run before a write
 
 def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a local SQLite store URI (``sqlite:///path``), None for any other store."""
+    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
 class Tracker:
@@ -154,17 +159,18 @@ class MlflowTracker(Tracker):
                 self.client = MlflowClient(tracking_uri=self.uri)
                 self.client.search_experiments(max_results=1)  # opens (and migrates) the store now, not mid-run
         except Exception as exc:
-            raise TrackingError(f"cannot open the MLflow store {self.uri}: {_first_line(exc)}") from None
+            raise TrackingError(f"cannot open the MLflow store {self.uri}: {first_line(exc)}") from None
 
     @contextlib.contextmanager
     def _store_lock(self):
         """An exclusive lock file beside a local SQLite store while it is opened (no-op for other stores)."""
-        if not self.uri.startswith("sqlite:///"):
+        db = sqlite_path(self.uri)
+        if db is None:
             yield
             return
         import fcntl
 
-        lock_path = Path(self.uri[len("sqlite:///"):]).with_suffix(".lock")
+        lock_path = db.with_suffix(".lock")
         with open(lock_path, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -174,9 +180,9 @@ class MlflowTracker(Tracker):
 
     def _prepare_local_store(self) -> None:
         """Create the folder of a local SQLite store and check it is writable, so a bad location fails early."""
-        if not self.uri.startswith("sqlite:///"):
+        db = sqlite_path(self.uri)
+        if db is None:
             return
-        db = Path(self.uri[len("sqlite:///"):])
         try:
             db.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=db.parent, prefix=".write-test-"):
@@ -184,7 +190,7 @@ class MlflowTracker(Tracker):
             if db.exists() and not os.access(db, os.W_OK):
                 raise PermissionError(f"{db} is read-only")
         except OSError as exc:
-            raise TrackingError(f"cannot write the MLflow store {self.uri}: {_first_line(exc)}") from None
+            raise TrackingError(f"cannot write the MLflow store {self.uri}: {first_line(exc)}") from None
         if self._artifact_root is None:
             self._artifact_root = db.parent / "artifacts"
 
@@ -212,7 +218,7 @@ class MlflowTracker(Tracker):
                 all_tags["mlflow.parentRunId"] = parent_id
             run = _retry(self.client.create_run, self._experiment_id(experiment), tags=all_tags, run_name=name)
         except Exception as exc:
-            raise TrackingError(f"cannot create a run in {self.uri}: {_first_line(exc)}") from None
+            raise TrackingError(f"cannot create a run in {self.uri}: {first_line(exc)}") from None
         run_id = run.info.run_id
         self._buffers[run_id] = []
         if params:
@@ -295,6 +301,3 @@ def _retry(fn: Any, *args: Any, attempts: int = 8, **kwargs: Any) -> Any:
             delay = min(delay * 2, 2.0)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

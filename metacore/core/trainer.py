@@ -1,18 +1,16 @@
 """The one training loop, used by ``metacore run`` and driven step-wise by the gymnasium environment.
 
-Each step: draw the next batch of the seed's data order, forward, backward, let a gradient-observing controller see
-the gradients, ask the controller for changes (validated against the task's space, applied to every param group),
-``optimizer.step()``. The loss stays on the device and is read back (``.item()``, a GPU sync) only at logging
-intervals; that is also where divergence is detected: a non-finite or exploding mean loss restores the last
-in-memory snapshot, halves the learning rate and records the event, and repeated failures end the run as diverged.
+Each step: draw the next batch of the seed's data order, forward, backward, hand over to the controller driver
+(:mod:`metacore.core.driver`: observe the gradients, act, sanitize, write), ``optimizer.step()``, the driver again.
+The loss stays on the device and is read back (``.item()``, a GPU sync) only at logging intervals; that is also where
+the divergence guard (:mod:`metacore.core.guard`) looks: a non-finite or exploding mean loss restores the last
+in-memory snapshot with the learning rate halved, and repeated failures end the run as diverged. What a checkpoint
+holds is composed here from the parts' own state (the driver's, the guard's, every RNG: :mod:`metacore.core.rng`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import math
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from metacore.core.controller import Controller
 from metacore.core.driver import ControllerDriver, param_group_writer
+from metacore.core.guard import DivergenceGuard, clone_state
 from metacore.core.state import TrainingState
 from metacore.core.task import Task, TaskContext, TaskData
 from metacore.core.values import floats, to_float
@@ -54,15 +53,6 @@ class TrainerConfig:
     compile: bool = False  # train through torch.compile(model); state dicts and evaluation use the model itself
 
 
-@dataclass
-class _Snapshot:
-    step: int
-    model: dict
-    optimizer: dict
-    controller: dict
-    hparams: dict
-
-
 class Trainer:
     """Trains one model with one controller. ``advance(n)`` runs n steps and returns the state; ``run()`` all."""
 
@@ -74,7 +64,7 @@ class Trainer:
         self.task, self.controller, self.ctx, self.config = task, controller, ctx, config
         self.should_stop = should_stop or (lambda: False)
         self._on_proposal = on_proposal  # a test hook: every raw act() proposal, before it is sanitized
-        self.log_floor = -1  # after a resume: steps up to here are already in the store, not logged again
+        self._log_floor = -1  # after a resume: steps up to here are already in the store, not logged again
         self.space = task.hparam_space()
         self._initial_hparams: dict[str, Any] = dict(hparams)
         self.tracker, self.run_id, self.on_log = tracker, run_id, on_log
@@ -82,13 +72,12 @@ class Trainer:
         self.epoch = 0
         self.pos = 0  # examples consumed in the current epoch
         self.best: dict[str, float] = {}
-        self.rollbacks = 0
         self.extra_passes = 0  # forward/backward passes beyond the training steps' own (validation gradients)
         self._kept: dict | None = None  # a controller's in-memory copy of model and optimizer (StepContext.keep)
         self._pending: str | None = None  # "keep" or "go_back", carried out right after this step
-        self.diverged = False
         self.wall_s = 0.0
-        self._first_loss: float | None = None
+        self.guard = DivergenceGuard(self.space, explode_factor=config.explode_factor,
+                                     max_rollbacks=config.max_rollbacks, lr_name=config.lr_name)
         self._last_val_step = -1
         self._perm = None
         self._perm_epoch = -1
@@ -96,13 +85,12 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ set-up
     def _setup(self, data: TaskData | None) -> None:
-        import numpy as np
         import torch
 
+        from metacore.core.rng import seed_everything
+
         seed = self.ctx.seed
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        seed_everything(seed)
         self.data = data if data is not None else self.task.load_data(self.ctx)
         torch.manual_seed(seed)  # the model's initial weights depend on the seed only, not on data loading
         self.model = self.task.build_model(self.data, self.ctx).to(self.ctx.device)
@@ -122,7 +110,7 @@ class Trainer:
         self._loss_n = 0
         self._interval_start = time.perf_counter()
         self._interval_steps = 0
-        self._snapshot = self._take_snapshot()
+        self._remember()
 
     # ------------------------------------------------------------------------------------------------ data order
     def _next_indices(self, batch_size: int):
@@ -144,6 +132,14 @@ class Trainer:
     @property
     def epoch_float(self) -> float:
         return self.epoch + self.pos / max(1, self.data.train_size)
+
+    @property
+    def rollbacks(self) -> int:
+        return self.guard.rollbacks
+
+    @property
+    def diverged(self) -> bool:
+        return self.guard.diverged
 
     @property
     def done(self) -> bool:
@@ -218,7 +214,8 @@ class Trainer:
     def _keep_or_go_back(self) -> None:
         """A controller's request, after the step: copy model and optimizer state, or restore the copy."""
         if self._pending == "keep":
-            self._kept = {"model": _clone(self.model.state_dict()), "optimizer": _clone(self.optimizer.state_dict())}
+            self._kept = {"model": clone_state(self.model.state_dict()),
+                          "optimizer": clone_state(self.optimizer.state_dict())}
         elif self._kept is not None:
             self.model.load_state_dict(self._kept["model"])
             self.optimizer.load_state_dict(self._kept["optimizer"])
@@ -284,29 +281,29 @@ class Trainer:
         self._loss_n = 0
         self._interval_start = time.perf_counter()
         self._interval_steps = 0
-        if self._first_loss is None and math.isfinite(mean_loss):
-            self._first_loss = max(abs(mean_loss), 1e-8)
-        exploded = self._first_loss is not None and abs(mean_loss) > self.config.explode_factor * self._first_loss
-        if not math.isfinite(mean_loss) or exploded:
+        if self.guard.diverging(mean_loss):
             self._rollback()
             return
         self.driver.record_loss(mean_loss)
         self._log({"train/loss": mean_loss, "system/step_time_ms": step_ms, **self.driver.log_metrics()})
-        self._snapshot = self._take_snapshot()
+        self._remember()
         if self.on_log:
             self.on_log(self.step)
 
     def _log(self, metrics: Mapping[str, float]) -> None:
-        if self.tracker is not None and self.run_id is not None and self.step > self.log_floor:
+        if self.tracker is not None and self.run_id is not None and self.step > self._log_floor:
             self.tracker.log_metrics(self.run_id, metrics, self.step)
 
-    def evaluate(self, split: str = "val") -> dict[str, float]:
+    def evaluate(self, split: str = "val", *, record: bool = True) -> dict[str, float]:
+        """Evaluate the model on ``split``; ``record=False``: only return the metrics (no log, no history)."""
         import torch
 
         self.model.eval()
         with torch.no_grad(), self._autocast():
             metrics = self.task.evaluate(self.model, self.data, split, self.ctx)
         self.model.train()
+        if not record:
+            return metrics
         if split == "val":
             self._last_val_step = self.step
             self.driver.record_eval(metrics)
@@ -318,28 +315,16 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------------------------------------ divergence
-    def _take_snapshot(self) -> _Snapshot:
-        return _Snapshot(step=self.step, model=_clone(self.model.state_dict()),
-                         optimizer=_clone(self.optimizer.state_dict()),
-                         controller=_clone(self.controller.state_dict()), hparams=dict(self.hparams))
+    def _remember(self) -> None:
+        self.guard.remember(self.step, self.model, self.optimizer, self.controller.state_dict(), self.hparams)
 
     def _rollback(self) -> None:
-        """Restore the last good snapshot, halve the learning rate, count it; too many: the run has diverged."""
-        self.rollbacks += 1
+        """Restore the last good snapshot with the learning rate halved; too many: the run has diverged."""
+        back = self.guard.roll_back(self.model, self.optimizer)
         self._log({"controller/rollbacks": float(self.rollbacks)})
-        snap = self._snapshot
-        self.model.load_state_dict(snap.model)
-        self.optimizer.load_state_dict(snap.optimizer)
-        hparams = dict(snap.hparams)
-        if self.rollbacks > self.config.max_rollbacks:  # give up; the last good weights are what gets evaluated
-            self.diverged = True
-            self.driver.rollback(hparams, snap.controller, notify=False)
-            return
-        if self.config.lr_name in self.space:
-            spec = self.space[self.config.lr_name]
-            hparams[spec.name] = spec.clip(to_float(hparams[spec.name]) * 0.5)
-        self.driver.rollback(hparams, snap.controller)
-        self._snapshot = self._take_snapshot()
+        self.driver.rollback(back.hparams, back.controller, notify=not back.gave_up)
+        if not back.gave_up:
+            self._remember()
 
     # ------------------------------------------------------------------------------------------------ the end
     def finish(self) -> RunResult:
@@ -371,25 +356,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ checkpoints
     def checkpoint_payload(self) -> dict[str, Any]:
-        import numpy as np
-        import torch
+        """Everything a resumed run needs to continue exactly (keys: :data:`metacore.core.checkpoint.PAYLOAD_KEYS`)."""
+        from metacore.core.rng import capture_rng
 
-        np_state = np.random.get_state()
-        payload = {
+        return {
             "step": self.step, "epoch": self.epoch, "pos": self.pos,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             **self.driver.state_dict(),  # controller, hparams, train_losses, val_metrics, val_history
-            "best": dict(self.best), "rollbacks": self.rollbacks,
+            **self.guard.state_dict(),  # first_loss, rollbacks, diverged
+            "best": dict(self.best), "wall_s": self.wall_s, "last_val_step": self._last_val_step,
             "extra_passes": self.extra_passes, "kept": self._kept,
-            "wall_s": self.wall_s, "first_loss": self._first_loss, "last_val_step": self._last_val_step,
-            "loss_sum": self._loss_sum.detach().cpu(), "loss_n": self._loss_n, "diverged": self.diverged,
-            "rng": {"python": _python_rng_state(), "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()),
-                                                            *np_state[2:]],
-                    "torch": torch.get_rng_state()},
+            "loss_sum": self._loss_sum.detach().cpu(), "loss_n": self._loss_n, "rng": capture_rng(),
         }
-        if torch.cuda.is_available():
-            payload["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        return payload
 
     def save_checkpoint(self) -> Path:
         """Write a checkpoint; the tracker is flushed first so the store holds every step up to this one."""
@@ -399,53 +377,27 @@ class Trainer:
             self.tracker.flush(self.run_id)
         return save_checkpoint(self.checkpoint_payload(), self.config.checkpoint_dir, self.step)
 
-    def restore(self, payload: Mapping[str, Any]) -> None:
-        """Continue from a checkpoint: weights, optimizer, controller, hyperparameters, data position, every RNG."""
-        import numpy as np
-        import torch
+    def restore(self, payload: Mapping[str, Any], *, logged_until: int = -1) -> None:
+        """Continue from a checkpoint: weights, optimizer, controller, hyperparameters, data position, every RNG.
 
+        ``logged_until``: the last step the store already holds for this run; metrics up to it are not logged again.
+        """
+        from metacore.core.checkpoint import check_payload
+        from metacore.core.rng import restore_rng
+
+        check_payload(payload)
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self.driver.load_state_dict(payload)
+        self.guard.load_state_dict(payload)
         self.step, self.epoch, self.pos = int(payload["step"]), int(payload["epoch"]), int(payload["pos"])
         self.best = dict(payload["best"])
-        self.rollbacks = int(payload["rollbacks"])
         self.extra_passes = int(payload.get("extra_passes", 0))
         self._kept = payload.get("kept")
-        self.diverged = bool(payload.get("diverged", False))
         self.wall_s = float(payload["wall_s"])
-        self._first_loss = payload["first_loss"]
         self._last_val_step = int(payload.get("last_val_step", -1))
         self._loss_sum = payload["loss_sum"].to(self.ctx.device)
         self._loss_n = int(payload["loss_n"])
-        rng = payload["rng"]
-        version, internal, gauss = rng["python"]
-        random.setstate((version, tuple(internal), gauss))
-        np_state = rng["numpy"]
-        np.random.set_state((np_state[0], np_state[1].numpy(), *np_state[2:]))
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self._snapshot = self._take_snapshot()
-
-
-def _python_rng_state() -> list:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _clone(obj: Any) -> Any:
-    """Deep copy of a state dict, tensors cloned on their device (a snapshot, not a checkpoint). Walks dicts, lists
-    and tuples itself: ``copy.deepcopy`` costs far more Python per tensor, and this runs every logging interval."""
-    if hasattr(obj, "detach") and hasattr(obj, "clone"):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        out = type(obj)((k, _clone(v)) for k, v in obj.items())
-        if hasattr(obj, "_metadata"):  # a module's state dict carries its version metadata
-            out._metadata = copy.deepcopy(obj._metadata)
-        return out
-    if isinstance(obj, (list, tuple)) and type(obj) in (list, tuple):
-        return type(obj)(_clone(v) for v in obj)
-    if obj is None or isinstance(obj, (bool, int, float, str, bytes)):
-        return obj
-    return copy.deepcopy(obj)
+        self._log_floor = int(logged_until)
+        restore_rng(payload["rng"])
+        self._remember()

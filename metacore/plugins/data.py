@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from metacore.core.errors import DataError
+from metacore.core.errors import DataError, first_line
 
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -127,6 +127,5 @@ def load_hub_dataset(task: str, hub_id: str, expected: str, **kwargs: Any):
 
         return datasets.load_dataset(hub_id, cache_dir=str(cache_dir("hf-datasets")), **kwargs)
     except Exception as exc:
-        text = str(exc).strip().splitlines()
         raise missing_data(task, expected, f"the Hugging Face hub ({hub_id})",
-                           f"{type(exc).__name__}: {text[0] if text else ''}") from None
+                           first_line(exc, with_type=True)) from None

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from metacore.core.errors import DataError
+from metacore.core.errors import DataError, first_line
 from metacore.core.hookspecs import hookimpl
 from metacore.core.hparams import HParamSpace, HParamSpec
 from metacore.core.options import OptionSpec
@@ -226,9 +226,8 @@ def _quiet_transformers():
 
 
 def _unavailable(name: str, exc: Exception) -> DataError:
-    text = str(exc).strip().splitlines()
     return DataError(
-        f"imdb: model {name!r} is not available ({type(exc).__name__}: {text[0] if text else ''}); it needs the "
+        f"imdb: model {name!r} is not available ({first_line(exc, with_type=True)}); it needs the "
         f"Hugging Face hub or its cache. Offline, use --preset small (the bundled all-MiniLM-L6-v2) or "
         f"--set model={BUNDLED}, or --set model=DIR with a local copy"
     )

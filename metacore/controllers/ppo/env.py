@@ -14,7 +14,8 @@ decision), with a small controller inside it that applies the agent's action and
   tasks. A rollback costs ``rollback_penalty``; a diverged run ends the episode and gives back all its progress plus
   ``divergence_penalty``.
 
-Data are loaded once per task per environment (from ``data_seed``) and shared by its episodes.
+Data are loaded once per task per environment (from ``data_seed``) and shared by its episodes. The id is registered
+with gymnasium in one place, the package's ``__init__`` (its import runs before this module's).
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from metacore.controllers.ppo import ENV_ID
 from metacore.controllers.ppo.features import CLIP, FEATURES, FeatureTracker, score
 from metacore.core.controller import Controller, StepContext
 from metacore.core.errors import UsageError
@@ -144,7 +144,7 @@ class HyperparamControlEnv(gym.Env):
         self.task_name = name
         self.direction = task.direction
         self.primary = task.primary_metric
-        self.score0 = score(self._evaluate_quietly(), self.direction)
+        self.score0 = score(self.trainer.evaluate("val", record=False)[self.primary], self.direction)
         self.score = self.score0
         self.rollbacks = 0
         self.episode_info = {"task": name, "seed": run_seed, "lr0": hparams["lr"], "interval": interval}
@@ -185,17 +185,6 @@ class HyperparamControlEnv(gym.Env):
         feats = self.tracker.features(state, self.tracker.grads.take())
         return np.asarray(feats, dtype=np.float32)
 
-    def _evaluate_quietly(self) -> float:
-        """The primary validation metric before training (not recorded in the trainer's history)."""
-        import torch
-
-        t = self.trainer
-        t.model.eval()
-        with torch.no_grad():
-            metrics = t.task.evaluate(t.model, t.data, "val", t.ctx)
-        t.model.train()
-        return metrics[self.primary]
-
     def close(self) -> None:
         self.trainer = None
         self._data.clear()
@@ -206,11 +195,3 @@ def _path(p: str | None):
 
     return Path(p) if p else None
 
-
-def register() -> None:
-    """Register ``metacore/HyperparamControl-v0`` with gymnasium (idempotent)."""
-    if ENV_ID not in gym.registry:
-        gym.register(id=ENV_ID, entry_point="metacore.controllers.ppo.env:HyperparamControlEnv")
-
-
-register()

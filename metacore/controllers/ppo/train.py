@@ -224,14 +224,15 @@ def _stats(runs: list[dict[str, Any]], primary: str) -> dict[str, Any]:
     def col(key: str) -> list[float]:
         return [r["final"].get(key, math.nan) for r in runs]
 
+    from metacore.analysis.stats import summarize
+
     res: dict[str, Any] = {"diverged": sum(bool(r["diverged"]) for r in runs)}
     for split in ("val", "test"):
         vals = col(f"{split}/{primary}")
-        ok = [v for v in vals if math.isfinite(v)]
-        if ok:
-            mean = sum(ok) / len(ok)
-            res[f"{split}_mean"] = float(mean)
-            res[f"{split}_std"] = float(math.sqrt(sum((v - mean) ** 2 for v in ok) / len(ok)))
+        stat = summarize(vals)  # mean and sample std over the finite values, as in every other table
+        if stat.n:
+            res[f"{split}_mean"] = stat.mean
+            res[f"{split}_std"] = stat.std if stat.std is not None else 0.0  # one seed: no spread
         res[f"{split}_per_seed"] = vals
     res["wall_s"] = round(sum(r["wall_s"] for r in runs), 1)
     return res
