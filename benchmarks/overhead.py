@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON to this file")
     args = parser.parse_args(argv)
 
-    from metacore.core.runner import resolve_device
+    from metacore.app.runner import resolve_device
 
     device = resolve_device(args.device)
     if args.threads:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from metacore.analysis.bench import BenchRequest, NestedTracker, parse_grid, plan_bench
+from metacore.app.bench import BenchRequest, NestedTracker, parse_grid, plan_bench
 from metacore.core.errors import UsageError
 from metacore.core.tracking import MemoryTracker
 

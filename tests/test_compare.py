@@ -163,7 +163,7 @@ def test_report_section_keeps_the_rest_of_the_file(tmp_path):
 
 
 def test_runner_logs_the_comparison_plot_on_the_parent():
-    from metacore.core.runner import RunRequest, run
+    from metacore.app.runner import RunRequest, run
 
     tracker = MemoryTracker()
     summary = run(RunRequest(task="digits", controller="cosine", preset="smoke", steps=10, device="cpu"),

@@ -3,9 +3,9 @@ channels_last gives the same network, fused SGD takes the hypergradient rate as 
 
 import pytest
 
+from metacore.app.runner import RunRequest, plan_run
 from metacore.core.errors import UsageError
 from metacore.core.registry import load_registry
-from metacore.core.runner import RunRequest, plan_run
 from metacore.core.task import TaskContext
 from metacore.core.trainer import Trainer, TrainerConfig
 

@@ -207,8 +207,8 @@ def test_actor_matches_stable_baselines3_deterministic_prediction():
     import torch.nn as nn
     from stable_baselines3 import PPO
 
+    from metacore.app.meta_train import extract_actor
     from metacore.controllers.ppo.policy import build_actor
-    from metacore.controllers.ppo.train import extract_actor
 
     model = PPO("MlpPolicy", _env(), n_steps=8, batch_size=8, seed=0, device="cpu",
                 policy_kwargs={"net_arch": {"pi": [8, 8], "vf": [8, 8]}, "activation_fn": nn.Tanh})
@@ -226,7 +226,7 @@ def test_actor_matches_stable_baselines3_deterministic_prediction():
 
 # ------------------------------------------------------------------------------------------------ controller
 def _run_ppo(policy, steps=24, seed=0):
-    from metacore.core.runner import RunRequest, run
+    from metacore.app.runner import RunRequest, run
     from metacore.core.tracking import MemoryTracker
 
     tracker = MemoryTracker()

@@ -137,7 +137,7 @@ def test_hub_code_path_on_local_files_of_the_hub_format(imdb_dir, tmp_path, monk
 
 
 def test_seed_defaults_baseline_and_warmup_reach_the_schedule():
-    from metacore.core.runner import RunRequest, plan_run
+    from metacore.app.runner import RunRequest, plan_run
 
     task = imdb.ImdbTask()
     hp = task.hparam_space().defaults()

@@ -49,7 +49,7 @@ def _names(text: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from metacore.analysis.bench import BenchRequest, parse_grid, plan_bench, run_bench
+    from metacore.app.bench import BenchRequest, parse_grid, plan_bench, run_bench
     from metacore.commands.common import report_failures
     from metacore.core.errors import UsageError
     from metacore.core.options import parse_assignments

@@ -43,7 +43,7 @@ def add_parser(sub: Any) -> None:
 def main(args: argparse.Namespace) -> int:
     import os
 
-    from metacore.controllers.ppo.train import MetaTrainRequest, meta_train, validate
+    from metacore.app.meta_train import MetaTrainRequest, meta_train, validate
     from metacore.core.errors import UsageError
     from metacore.core.registry import load_registry
 

@@ -47,9 +47,9 @@ def add_parser(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from metacore.app.runner import RunInterrupted, execute, plan_resume, plan_run
     from metacore.core.errors import UsageError
     from metacore.core.registry import load_registry
-    from metacore.core.runner import RunInterrupted, execute, plan_resume, plan_run
 
     registry = load_registry()
     report_failures(registry.failures)
@@ -66,7 +66,7 @@ def main(args: argparse.Namespace) -> int:
         plan = plan_run(_request(args, registry), registry)
     progress = None
     if not args.json:
-        from metacore.core.progress import RunProgress
+        from metacore.app.progress import RunProgress
 
         progress = RunProgress()
     stop = _StopOnSignal()
@@ -85,8 +85,8 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _request(args: argparse.Namespace, registry: Any) -> Any:
+    from metacore.app.runner import RunRequest
     from metacore.core.options import parse_assignments
-    from metacore.core.runner import RunRequest
 
     baseline = args.baseline
     if baseline is None:

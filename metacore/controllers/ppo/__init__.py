@@ -1,8 +1,8 @@
 """The PPO meta-policy: a gymnasium environment over real training runs, meta-training, and the ``ppo`` controller.
 
 Modules: :mod:`.features` (task-agnostic observations), :mod:`.env` (``metacore/HyperparamControl-v0``),
-:mod:`.policy` (safetensors + JSON format), :mod:`.train` (stable-baselines3 meta-training), :mod:`.plugin` (the
-``ppo`` controller, the module the plugin registry imports).
+:mod:`.policy` (safetensors + JSON format), :mod:`.plugin` (the ``ppo`` controller, the module the plugin registry
+imports). Meta-training (stable-baselines3, MLflow, the runner) is an application: :mod:`metacore.app.meta_train`.
 
 Importing this package registers ``metacore/HyperparamControl-v0`` with gymnasium without importing gymnasium itself
 (importing it costs a fifth of a second, and ``metacore list`` imports this package through the plugin module):

@@ -92,9 +92,9 @@ def meta_train(req: MetaTrainRequest, tracker: Any = None, progress: bool = True
     from stable_baselines3 import PPO
     from stable_baselines3.common.vec_env import DummyVecEnv, VecMonitor, VecNormalize
 
+    from metacore.app.runner import git_commit
     from metacore.controllers.ppo.env import HyperparamControlEnv
     from metacore.controllers.ppo.policy import save_policy, update_spec
-    from metacore.core.runner import git_commit
     from metacore.core.tracking import MlflowTracker
 
     validate(req)
@@ -198,8 +198,8 @@ def extract_actor(policy: Any):
 
 def evaluate_held_out(req: MetaTrainRequest, policy_json: Path, tracker: Any) -> dict[str, Any]:
     """The new policy on the held-out task vs the other controllers, same seeds and budget (``metacore run``)."""
+    from metacore.app.runner import RunRequest, execute, plan_run
     from metacore.core.registry import load_registry
-    from metacore.core.runner import RunRequest, execute, plan_run
 
     registry = load_registry()
     preset = req.eval_preset or req.preset
@@ -268,7 +268,7 @@ class _Curves:
                 self.reported = 0
                 self.started = time.perf_counter()
                 if progress:
-                    from metacore.core.progress import RunProgress
+                    from metacore.app.progress import RunProgress
 
                     self.bar = RunProgress(unit="decisions")
                     self.bar_update = self.bar.start("meta-train", total)

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from metacore.app.runner import RunRequest
 from metacore.core.errors import UsageError
-from metacore.core.runner import RunRequest
 
 
 @dataclass
@@ -91,8 +91,8 @@ def parse_grid(items: list[str] | None) -> dict[str, list[str]]:
 
 def plan_bench(req: BenchRequest, registry: Any = None) -> list[Unit]:
     """Every unit of the bench, each validated by ``plan_run`` before anything runs or is written."""
+    from metacore.app.runner import plan_run
     from metacore.core.registry import load_registry
-    from metacore.core.runner import plan_run
 
     registry = registry or load_registry()
     if not req.tasks:
@@ -142,7 +142,7 @@ def _run_unit(unit: Unit, bench_id: str, threads: int | None) -> dict[str, Any]:
             import torch
 
             torch.set_num_threads(threads)
-        from metacore.core.runner import execute, plan_run
+        from metacore.app.runner import execute, plan_run
         from metacore.core.tracking import MlflowTracker
 
         tracker = NestedTracker(MlflowTracker(unit.request.tracking_uri), bench_id, {"metacore.bench": bench_id})
@@ -159,7 +159,7 @@ def run_bench(req: BenchRequest, units: list[Unit], *, command: str | None = Non
     from metacore.analysis.compare import compare
     from metacore.analysis.report import build_report
     from metacore.analysis.runs import MlflowRunSource
-    from metacore.core.runner import git_commit, resolve_device
+    from metacore.app.runner import git_commit, resolve_device
     from metacore.core.tracking import MlflowTracker
 
     tracker = MlflowTracker(req.tracking_uri)
