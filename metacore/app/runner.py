@@ -13,35 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from metacore.app.request import PRECISIONS, RunRequest
 from metacore.core.errors import CheckpointError, UsageError
 from metacore.core.registry import Registry, load_registry
 from metacore.core.task import Preset, Task, TaskContext, TaskData
 from metacore.core.tracking import MlflowTracker, Tracker, default_tracking_uri
 
 CHECKPOINT_ROOT = Path("mlflow_runs") / "checkpoints"
-PRECISIONS = ("auto", "fp32")
-
-
-@dataclass
-class RunRequest:
-    task: str
-    controller: str
-    baseline: str | None = "static"  # None: no baseline
-    preset: str = "small"
-    steps: int | None = None
-    epochs: float | None = None
-    seed: int = 0
-    seeds: int = 1
-    sets: dict[str, str] = field(default_factory=dict)
-    controller_sets: dict[str, str] = field(default_factory=dict)
-    data_dir: str | None = None
-    tracking_uri: str | None = None
-    experiment: str | None = None
-    device: str = "auto"
-    checkpoint_interval: int | None = None
-    checkpoint_dir: str | None = None
-    precision: str = "auto"  # auto: bf16 autocast on CUDA where the task declares it safe; fp32: never
-    compile: bool = False  # torch.compile the model for training
 
 
 @dataclass

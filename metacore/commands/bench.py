@@ -9,6 +9,8 @@ import shlex
 import sys
 from typing import Any
 
+from metacore.commands import flags
+
 NAME = "bench"
 
 
@@ -20,28 +22,20 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--controllers", required=True, help="comma-separated controllers, e.g. hypergrad,static")
     b.add_argument("--baseline", default="default", help="the baseline each controller is paired with "
                    "(default: the task's, usually static; run once per grid point and seed); 'none' for none")
-    b.add_argument("--seeds", type=int, default=3, help="number of seeds (default 3)")
-    b.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    flags.add(b, [flags.SEEDS.but(default=3), flags.SEED])
     b.add_argument("--grid", action="append", metavar="NAME=V1,V2,...",
                    help="initial hyperparameter (or task option) values to sweep; repeat for a product grid")
-    b.add_argument("--set", action="append", metavar="KEY=VALUE", dest="sets",
-                   help="fixed initial hyperparameter or task option for every run (repeatable)")
-    b.add_argument("--preset", default="small", help="task scale: full, small or smoke (default small)")
-    budget = b.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help="budget in optimizer steps (overrides the preset)")
-    budget.add_argument("--epochs", type=float, help="budget in epochs (overrides the preset)")
+    flags.add(b, [flags.SET.but(help="fixed initial hyperparameter or task option for every run (repeatable)"),
+                  flags.PRESET, flags.STEPS, flags.EPOCHS])
     b.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     b.add_argument("--report", metavar="PATH", help="markdown report (default mlflow_runs/reports/bench-<id>/"
                    "report.md); an existing file with the bench markers keeps everything outside them")
     b.add_argument("--section", metavar="NAME", help="write between the markers of this named section of --report "
                    "(several benches in one file); also prefixes the plot names")
     b.add_argument("--plot-dir", metavar="DIR", help="where the report's PNGs go (default: img/ beside the report)")
-    b.add_argument("--data-dir", help="local data root (also METACORE_DATA_DIR)")
-    b.add_argument("--tracking-uri", help="MLflow store (default sqlite:///mlflow_runs/mlflow.db; "
-                   "also MLFLOW_TRACKING_URI)")
-    b.add_argument("--experiment", help="MLflow experiment (default: the task name; 'bench' for several tasks)")
-    b.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    b.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    flags.add(b, [flags.DATA_DIR, flags.TRACKING_URI,
+                  flags.EXPERIMENT.but(help="MLflow experiment (default: the task name; 'bench' for several tasks)"),
+                  flags.DEVICE, flags.JSON])
 
 
 def _names(text: str) -> list[str]:

@@ -6,6 +6,8 @@ import argparse
 import json
 from typing import Any
 
+from metacore.commands import flags
+
 NAME = "compare"
 
 
@@ -18,9 +20,7 @@ def add_parser(sub: Any) -> None:
                      help="which final metric the statistics use (default test; best is always over validation)")
     cmp.add_argument("--metric", help="metric name (default: the task's primary metric)")
     cmp.add_argument("--plot", metavar="PATH", help="write a PNG: validation metric and hparam/* against steps")
-    cmp.add_argument("--tracking-uri", help="MLflow store (default sqlite:///mlflow_runs/mlflow.db; "
-                     "also MLFLOW_TRACKING_URI)")
-    cmp.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    flags.add(cmp, [flags.TRACKING_URI, flags.JSON])
 
 
 def main(args: argparse.Namespace) -> int:

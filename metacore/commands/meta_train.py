@@ -8,6 +8,7 @@ import shlex
 import sys
 from typing import Any
 
+from metacore.commands import flags
 from metacore.commands.common import report_failures
 
 NAME = "meta-train"
@@ -20,7 +21,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--timesteps", type=int, required=True, help="PPO timesteps (decisions, over all tasks)")
     p.add_argument("--out", required=True, help="output folder for policy.safetensors + policy.json")
     p.add_argument("--name", default="policy", help="file stem of the policy (default policy)")
-    p.add_argument("--preset", default="smoke", help="task preset of the training runs (default smoke)")
+    flags.add(p, [flags.PRESET.but(default="smoke", help="task preset of the training runs (default %(default)s)")])
     p.add_argument("--eval-preset", default=None, help="preset of the held-out evaluation (default: --preset)")
     p.add_argument("--horizon", type=int, default=10, help="decisions per training run (default 10)")
     p.add_argument("--interval", type=int, default=None,
@@ -29,15 +30,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--compare", default="static,hypergrad",
                    help="controllers the held-out evaluation runs beside ppo (default static,hypergrad; "
                    "unregistered ones are skipped)")
-    p.add_argument("--seed", type=int, default=0, help="seed of PPO and of the episode draws (default 0)")
+    flags.add(p, [flags.SEED.but(help="seed of PPO and of the episode draws (default %(default)s)")])
     p.add_argument("--lr-spread", type=float, default=10.0,
                    help="initial lr drawn log-uniformly in [default/s, default*s] per episode (default 10)")
-    p.add_argument("--data-dir", help="local data root (also METACORE_DATA_DIR)")
-    p.add_argument("--tracking-uri", help="MLflow store (default sqlite:///mlflow_runs/mlflow.db)")
-    p.add_argument("--experiment", default="meta-train", help="MLflow experiment of the meta-training curves")
+    flags.add(p, [flags.DATA_DIR, flags.TRACKING_URI.but(help="MLflow store (default sqlite:///mlflow_runs/mlflow.db)"),
+                  flags.EXPERIMENT.but(default="meta-train", help="MLflow experiment of the meta-training curves")])
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the runs are small, more threads mostly contend)")
-    p.add_argument("--json", action="store_true", help="print the policy spec as JSON on stdout and nothing else")
+    flags.add(p, [flags.JSON.but(help="print the policy spec as JSON on stdout and nothing else")])
 
 
 def main(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import Any
 
+from metacore.commands import flags
 from metacore.commands.common import report_failures
 
 NAME = "run"
@@ -15,35 +16,7 @@ NAME = "run"
 
 def add_parser(sub: Any) -> None:
     run = sub.add_parser(NAME, help="train with a controller and, beside it, a baseline; log both to MLflow")
-    run.add_argument("--task", help="a registered task (metacore list tasks); required unless --resume")
-    run.add_argument("--controller", help="a registered controller; static keeps the initial values; required "
-                     "unless --resume")
-    run.add_argument("--baseline", default=None, help="controller run beside it (default: the task's, usually "
-                     "static); 'none' for no baseline")
-    run.add_argument("--preset", default="small", help="task scale: full, small or smoke (default small)")
-    budget = run.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help="budget in optimizer steps (overrides the preset)")
-    budget.add_argument("--epochs", type=float, help="budget in epochs (overrides the preset)")
-    run.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    run.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE", dest="sets",
-                     help="initial hyperparameter or task option, e.g. --set lr=0.1 (repeatable)")
-    run.add_argument("--controller-set", action="append", metavar="KEY=VALUE", dest="controller_sets",
-                     help="controller option, e.g. --controller-set hyper_lr=1e-3 (repeatable)")
-    run.add_argument("--data-dir", help="local data root (also METACORE_DATA_DIR)")
-    run.add_argument("--tracking-uri", help="MLflow store (default sqlite:///mlflow_runs/mlflow.db; "
-                     "also MLFLOW_TRACKING_URI)")
-    run.add_argument("--experiment", help="MLflow experiment (default: the task name)")
-    run.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    run.add_argument("--precision", default="auto", choices=("auto", "fp32"),
-                     help="auto: bf16 autocast on CUDA for tasks that declare it safe (default); fp32: never")
-    run.add_argument("--compile", action="store_true", help="torch.compile the model for training (GPU fast path)")
-    run.add_argument("--checkpoint-interval", type=int, help="steps between checkpoints (default: the preset's)")
-    run.add_argument("--checkpoint-dir", help="where checkpoints go (default mlflow_runs/checkpoints/<run_id>/)")
-    run.add_argument("--resume", metavar="RUN_ID", help="continue an interrupted run (its parent run id) from its "
-                     "newest intact checkpoints, with its original options")
-    run.add_argument("--json", action="store_true", help="print one JSON summary on stdout and nothing else")
-
+    flags.add(run, flags.RUN)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -86,19 +59,13 @@ def main(args: argparse.Namespace) -> int:
 
 def _request(args: argparse.Namespace, registry: Any) -> Any:
     from metacore.app.runner import RunRequest
-    from metacore.core.options import parse_assignments
 
-    baseline = args.baseline
-    if baseline is None:
-        baseline = registry.task(args.task).obj.default_baseline
-    return RunRequest(
-        task=args.task, controller=args.controller, baseline=None if baseline == "none" else baseline,
-        preset=args.preset, steps=args.steps, epochs=args.epochs, seed=args.seed, seeds=args.seeds,
-        sets=parse_assignments(args.sets, "--set"),
-        controller_sets=parse_assignments(args.controller_sets, "--controller-set"),
-        data_dir=args.data_dir, tracking_uri=args.tracking_uri, experiment=args.experiment, device=args.device,
-        checkpoint_interval=args.checkpoint_interval, checkpoint_dir=args.checkpoint_dir,
-        precision=args.precision, compile=args.compile)
+    fields = flags.request_fields(args, flags.RUN)
+    if fields["baseline"] is None:
+        fields["baseline"] = registry.task(args.task).obj.default_baseline
+    if fields["baseline"] == "none":
+        fields["baseline"] = None
+    return RunRequest(**fields)
 
 
 class _StopOnSignal:

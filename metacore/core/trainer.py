@@ -152,16 +152,9 @@ class Trainer:
         return self.driver.hparams
 
     @property
-    def train_losses(self) -> list[float]:
-        return self.driver.train_losses
-
-    @property
     def val_metrics(self) -> dict[str, float]:
+        """The latest validation metrics (the driver keeps them, with the losses the controller sees)."""
         return self.driver.val_metrics
-
-    @property
-    def val_history(self) -> list[float]:
-        return self.driver.val_history
 
     def state(self) -> TrainingState:
         return self.driver.state(self.step, epoch=self.epoch_float, budget=self.config.budget,
@@ -336,8 +329,8 @@ class Trainer:
         val = self.val_metrics if self._last_val_step == self.step else self.evaluate("val")
         final.update({f"val/{k}": v for k, v in val.items()})
         final.update({f"test/{k}": v for k, v in self.evaluate("test").items()})
-        if self.train_losses:
-            final["train/loss"] = self.train_losses[-1]
+        if self.driver.train_losses:
+            final["train/loss"] = self.driver.train_losses[-1]
         self._log({"system/compute_ratio": self.compute_ratio})
         if self.config.checkpoint_dir:
             self.save_checkpoint()

@@ -133,20 +133,9 @@ class MetacoreCallback(TrainerCallback):
 
     @property
     def hparams(self) -> dict[str, Any]:
-        """The controller's values in force (empty before training starts)."""
+        """The controller's values in force (empty before training starts); the feedback it has seen is the
+        driver's (``callback.driver.train_losses``, ``.val_metrics``, ``.val_history``)."""
         return self.driver.hparams if self.driver is not None else {}
-
-    @property
-    def train_losses(self) -> list[float]:
-        return self.driver.train_losses if self.driver is not None else []
-
-    @property
-    def val_metrics(self) -> dict[str, float]:
-        return self.driver.val_metrics if self.driver is not None else {}
-
-    @property
-    def val_history(self) -> list[float]:
-        return self.driver.val_history if self.driver is not None else []
 
     # ------------------------------------------------------------------------------------------------ set-up
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
