@@ -1,23 +1,4 @@
-"""Helpers for plugin authors: a plugin manager with chosen plugins only, tiny tasks, and contract test cases.
-
-A third party checks its controller or task by subclassing a contract class in its own test suite and providing one
-fixture (in the style of optuna's sampler test cases); pytest collects the inherited tests::
-
-    import pytest
-    from metacore.testing import ControllerContract, TaskContract
-
-    class TestMyController(ControllerContract):
-        @pytest.fixture
-        def controller_class(self):
-            return MyController
-
-    class TestMyTask(TaskContract):
-        @pytest.fixture
-        def task(self):
-            return MyTask()
-
-metacore's own tasks and controllers pass the same classes (``tests/test_contracts.py``). The tiny tasks train in a
-fraction of a second on a CPU, so a controller's contract runs on both an SGD-with-momentum and an Adam optimizer.
+"""Contract test cases for plugin authors, and running a controller on a tiny task (see :mod:`metacore.testing`).
 
 This module imports ``pytest`` (it is used from test suites only) and imports ``torch`` inside its functions.
 """
@@ -33,146 +14,13 @@ from typing import Any, Callable, Mapping
 import pytest
 
 from metacore.core.controller import Controller, StepContext
-from metacore.core.errors import DataError, MetacoreError, UsageError
-from metacore.core.hookspecs import hookimpl
+from metacore.core.errors import DataError, UsageError
 from metacore.core.hparams import HParamSpace, HParamSpec
 from metacore.core.options import OptionSpec
-from metacore.core.registry import PluginManager, Registry, build_registry, get_plugin_manager
+from metacore.core.registry import Registry
 from metacore.core.task import Preset, Task, TaskContext, TaskData
 from metacore.core.values import floats, to_float
-
-__all__ = [
-    "ControllerContract", "TaskContract", "TinyAdamTask", "TinyTask", "check_proposal", "class_plugin",
-    "make_registry", "plugin_manager", "registered_names", "run_controller", "step_context", "task_context",
-]
-
-
-# ---------------------------------------------------------------------------------------------------- plugin managers
-def class_plugin(*classes: type, name: str = "test-classes") -> Any:
-    """A plugin object that registers the given Task and Controller classes (no module or entry point needed)."""
-    tasks = [c for c in classes if isinstance(c, type) and issubclass(c, Task)]
-    controllers = [c for c in classes if isinstance(c, type) and issubclass(c, Controller)]
-    other = [c for c in classes if c not in tasks and c not in controllers]
-    if other:
-        raise UsageError(f"class_plugin takes Task and Controller subclasses, got {other[0]!r}")
-
-    class _Plugin:
-        __name__ = name
-
-        @hookimpl
-        def metacore_register_tasks(self, register):
-            for cls in tasks:
-                register(cls)
-
-        @hookimpl
-        def metacore_register_controllers(self, register):
-            for cls in controllers:
-                register(cls)
-
-    return _Plugin()
-
-
-def plugin_manager(*plugins: Any, builtins: bool = False, entry_points: bool = False) -> PluginManager:
-    """A fresh plugin manager with only ``plugins``: module paths, modules, plugin objects, or Task/Controller classes.
-
-    ``builtins=True`` adds metacore's built-in plugins, ``entry_points=True`` the installed third-party ones.
-    """
-    from metacore.core.registry import DEFAULT_PLUGINS
-
-    chosen: list[Any] = list(DEFAULT_PLUGINS) if builtins else []
-    classes = [p for p in plugins if isinstance(p, type)]
-    chosen += [p for p in plugins if not isinstance(p, type)]
-    if classes:
-        chosen.append(class_plugin(*classes))
-    return get_plugin_manager(chosen, entry_points=entry_points)
-
-
-def make_registry(*plugins: Any, builtins: bool = False, entry_points: bool = False) -> Registry:
-    """The registry of :func:`plugin_manager`; import or registration failures raise instead of being skipped."""
-    pm = plugin_manager(*plugins, builtins=builtins, entry_points=entry_points)
-    registry = build_registry(pm)
-    if registry.failures:
-        name, reason = next(iter(registry.failures.items()))
-        raise MetacoreError(f"plugin {name!r} failed: {reason}")
-    return registry
-
-
-# ---------------------------------------------------------------------------------------------------- tiny tasks
-class TinyTask(Task):
-    """Three Gaussian blobs in 8 dimensions, a two-layer MLP, SGD with momentum: trains in well under a second."""
-
-    name = "tiny"
-    description = "three Gaussian blobs, a small MLP, SGD with momentum (metacore.testing)"
-    primary_metric = "accuracy"
-    metrics = {"accuracy": "max", "f1_macro": "max"}
-    eval_batch_size = 256
-
-    def hparam_space(self) -> HParamSpace:
-        return HParamSpace([
-            HParamSpec("lr", 0.05, 1e-5, 10.0, log=True, help="learning rate"),
-            HParamSpec("momentum", 0.9, 0.0, 0.999, help="SGD momentum"),
-            HParamSpec("weight_decay", 1e-4, 0.0, 0.1, help="L2 weight decay"),
-            HParamSpec("dropout", 0.0, 0.0, 0.9, acts_on="model", help="dropout of the hidden layer"),
-            HParamSpec("batch_size", 32, 4, 256, acts_on="data", integer=True, help="examples per step"),
-        ], owner=f"task {self.name}")
-
-    def option_specs(self) -> dict[str, OptionSpec]:
-        return {"hidden": OptionSpec("hidden", 16, int, "hidden units", 1, 1024),
-                "examples": OptionSpec("examples", 640, int, "examples in all splits", 30, 100_000)}
-
-    def presets(self) -> dict[str, Preset]:
-        return {
-            "full": Preset("full", steps=600, eval_interval=100, log_interval=10, options={"hidden": 64}),
-            "small": Preset("small", steps=200, eval_interval=50, log_interval=10),
-            "smoke": Preset("smoke", steps=30, eval_interval=10, log_interval=5, description="a fraction of a second"),
-        }
-
-    def load_data(self, ctx: TaskContext) -> TaskData:
-        import torch
-
-        n = int(ctx.options.get("examples", 640))
-        gen = torch.Generator().manual_seed(12345)  # a fixed problem; the trainer's data order follows the seed
-        centers = torch.randn(3, 8, generator=gen) * 2.0
-        y = torch.arange(n) % 3
-        x = centers[y] + torch.randn(n, 8, generator=gen)
-        perm = torch.randperm(n, generator=gen)
-        x, y = x[perm], y[perm]
-        a, b = int(0.6 * n), int(0.8 * n)
-        return TaskData(train=(x[:a], y[:a]), val=(x[a:b], y[a:b]), test=(x[b:], y[b:]),
-                        info={"data.source": "generated", "data.train": a, "data.val": b - a, "data.test": n - b})
-
-    def build_model(self, data: TaskData, ctx: TaskContext):
-        import torch.nn as nn
-
-        h = int(ctx.options.get("hidden", 16))
-        return nn.Sequential(nn.Linear(8, h), nn.ReLU(), nn.Dropout(ctx.hparams.get("dropout", 0.0)), nn.Linear(h, 3))
-
-    def build_optimizer(self, model, hparams: Mapping[str, float], ctx: TaskContext):
-        import torch
-
-        return torch.optim.SGD(model.parameters(), lr=hparams["lr"], momentum=hparams["momentum"],
-                               weight_decay=hparams["weight_decay"])
-
-
-class TinyAdamTask(TinyTask):
-    """The tiny task with Adam: ``beta1`` instead of ``momentum`` (controllers must cope with either)."""
-
-    name = "tiny-adam"
-    description = "three Gaussian blobs, a small MLP, Adam (metacore.testing)"
-
-    def hparam_space(self) -> HParamSpace:
-        return HParamSpace([
-            HParamSpec("lr", 1e-2, 1e-6, 1.0, log=True, help="learning rate"),
-            HParamSpec("beta1", 0.9, 0.0, 0.999, group_key="betas", index=0, help="Adam's first-moment decay"),
-            HParamSpec("weight_decay", 0.0, 0.0, 0.1, help="L2 weight decay"),
-            HParamSpec("batch_size", 32, 4, 256, acts_on="data", integer=True, help="examples per step"),
-        ], owner=f"task {self.name}")
-
-    def build_optimizer(self, model, hparams: Mapping[str, float], ctx: TaskContext):
-        import torch
-
-        return torch.optim.Adam(model.parameters(), lr=hparams["lr"], betas=(hparams["beta1"], 0.999),
-                                weight_decay=hparams["weight_decay"])
+from metacore.testing.tiny import TinyAdamTask, TinyTask
 
 
 # ---------------------------------------------------------------------------------------------------- running
