@@ -93,3 +93,27 @@ def test_a_payload_without_the_optional_keys_resumes_and_one_without_rng_exits_2
     assert fresh.step == 6 and not fresh.diverged and math.isfinite(fresh.advance(6).train_loss)
     with pytest.raises(CheckpointError, match="lacks rng"):
         fresh.restore({k: v for k, v in old.items() if k != "rng"})
+
+
+def test_each_controller_is_built_once_per_child_run(tmp_path, monkeypatch):
+    from metacore.app.runner import RunRequest, execute, plan_run
+    from metacore.controllers.static import StaticController
+    from metacore.core.tracking import MemoryTracker
+    from metacore.testing import TinyTask, make_registry
+
+    built: list[str] = []
+
+    class Counted(StaticController):
+        name = "counted"
+
+        def __init__(self, **options):
+            super().__init__(**options)
+            built.append(self.name)
+
+    monkeypatch.chdir(tmp_path)
+    registry = make_registry(TinyTask, Counted, builtins=True)
+    plan = plan_run(RunRequest(task="tiny", controller="counted", baseline=None, preset="smoke", steps=4, seeds=2,
+                               device="cpu"), registry)
+    assert [r.role for r in plan.roles] == ["controller"] and built == ["counted"]  # validated once, kept
+    summary = execute(plan, MemoryTracker())
+    assert len(summary["runs"]) == 2 and built == ["counted", "counted"]  # one controller per child run
