@@ -40,8 +40,14 @@ class Role:
         made, self._validated = self._validated, None
         return made if made is not None else self.cls(**self.config)
 
-    def __iter__(self):  # unpacks as the (role, name, class, options) tuple plans used to hold
+    def __iter__(self):  # unpacks and indexes as the (role, name, class, options) tuple plans used to hold
         return iter((self.role, self.name, self.cls, self.config))
+
+    def __getitem__(self, index: int) -> Any:
+        return tuple(self)[index]
+
+    def __len__(self) -> int:
+        return 4
 
 
 @dataclass
