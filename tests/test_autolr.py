@@ -142,16 +142,20 @@ def test_a_task_without_a_learning_rate_is_refused():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("lr0", [1e-4, 1.0])
+@pytest.mark.parametrize("lr0", [1e-4, 1e-2, 1.0])
 def test_digits_small_is_robust_to_the_initial_rate(lr0):
+    """The issue's bar on digits (small preset, 300 steps): >= 0.975 test accuracy from every initial rate."""
     pytest.importorskip("torch")
-    from metacore.plugins.digits import DigitsTask
-    from metacore.testing import run_controller
+    from metacore.core.registry import load_registry
+    from metacore.core.trainer import Trainer, TrainerConfig
+    from metacore.testing import task_context
 
-    task = DigitsTask()
-    _, result = run_controller(AutoLRController(), task, steps=300, hparams={"lr": lr0})
+    task = load_registry(entry_points=False).task("digits").obj()
+    ctx = task_context(task, "small", 0, None, {"lr": lr0})
+    config = TrainerConfig(budget=300, log_interval=ctx.preset.log_interval, eval_interval=ctx.preset.eval_interval)
+    result = Trainer(task, AutoLRController(), ctx, ctx.hparams, config).run()
     assert not result.diverged
-    assert result.final["test/accuracy"] >= 0.95
+    assert result.final["test/accuracy"] >= 0.975
 
 
 def test_resume_mid_search_continues_exactly():
