@@ -7,8 +7,9 @@ fixed rate (docs/results.md). ``autolr`` treats the user's initial rate as a *hi
    and grows geometrically every step, an LR range test run on the training trajectory itself (Smith 2017), so it
    costs no forward or backward pass beyond the run's own. The per-step loss is smoothed (bias-corrected EMA); the
    search stops when the smoothed loss rises ``rise`` above its minimum so far (or turns non-finite, or the rate
-   reaches the task's upper bound). The peak rate is the rate at that moment divided by ``backoff``: the loss
-   responds to a rate with a lag (momentum), so where it turns up is several times past the largest good rate.
+   reaches the task's upper bound). The peak rate is the rate at that moment divided by ``backoff`` (the loss
+   responds to a rate with a lag, so where it turns up is several times past the largest good rate), and never more
+   than the rate in force when the kept weights were taken (where the smoothed loss was at its minimum).
 2. **Anneal**: from the peak, cosine decay to ``min_factor × peak`` at the end of the budget
    (``TrainingState.budget``): at a fixed budget a decayed rate beats a constant one.
 3. **Guard**: after the search, a smoothed loss that rises ``guard_rise`` above its minimum again halves the peak
@@ -154,7 +155,10 @@ class AutoLRController(Controller):
             too_long = state.step >= self.config["search_frac"] * max(1, state.budget)
             if risen or out_of_room or too_long:
                 self.stop_lr = self.lr
-                self.peak = spec.clip(self.lr / self.config["backoff"] if risen else self.lr)
+                peak = self.lr / self.config["backoff"] if risen else self.lr
+                if risen and self.kept_step >= 0:  # never above a rate the loss was still at its minimum with
+                    peak = min(peak, self.kept_lr)
+                self.peak = spec.clip(peak)
                 self.phase, self.search_end = ANNEAL, state.step
                 self.ema_min = self._smoothed
                 if risen and self.kept_step >= 0:
