@@ -46,49 +46,17 @@ from transformers import TrainerCallback
 from metacore.core.controller import Controller
 from metacore.core.driver import ControllerDriver
 from metacore.core.errors import ControllerError, UsageError
-from metacore.core.hparams import HParamSpace, HParamSpec
+from metacore.core.hparams import HParamSpace
 from metacore.core.values import floats, to_float
+from metacore.integrations.optimizer_groups import (
+    SCHEDULE_MODES,
+    ScheduledGroups,
+    inner_optimizer,
+    make_controller,
+    optimizer_hparam_space,  # noqa: F401  (importable from here too)
+)
 
-SCHEDULE_MODES = ("override", "scale")
 STATE_FILE = "metacore_controller.pt"  # saved in each Trainer checkpoint folder
-
-
-def optimizer_hparam_space(optimizer: Any, bounds: Mapping[str, tuple[float, float]] | None = None) -> HParamSpace:
-    """The hyperparameters an optimizer's param groups expose, with defaults from the groups' initial values.
-
-    ``lr`` (log scale, default bounds 1e-3x .. 100x the initial value), ``momentum`` (SGD, RMSprop), ``beta1`` (the
-    first entry of ``betas``, Adam family) and ``weight_decay``. ``bounds`` overrides any of them by name.
-    """
-    bounds = dict(bounds or {})
-    groups = _inner(optimizer).param_groups
-    first = groups[0]
-    specs: list[HParamSpec] = []
-    lr0 = float(first.get("initial_lr", first["lr"]))
-    if not lr0 > 0:
-        raise UsageError(f"the optimizer's initial learning rate must be positive, got {lr0}")
-
-    def spec(name: str, default: float, low: float, high: float, **kw: Any) -> HParamSpec:
-        low, high = bounds.pop(name, (low, high))
-        return HParamSpec(name, min(max(default, low), high), float(low), float(high), **kw)
-
-    specs.append(spec("lr", lr0, lr0 * 1e-3, lr0 * 1e2, log=True, help="learning rate of every param group"))
-    if "momentum" in first:
-        specs.append(spec("momentum", float(first["momentum"]), 0.0, 0.999, help="momentum"))
-    if "betas" in first:
-        specs.append(spec("beta1", float(first["betas"][0]), 0.0, 0.999, group_key="betas", index=0,
-                          help="first-moment decay of the Adam family"))
-    if "weight_decay" in first:
-        wd = max(float(g.get("weight_decay", 0.0)) for g in groups)
-        specs.append(spec("weight_decay", wd, 0.0, max(1.0, wd), help="weight decay (groups started at 0 stay 0)"))
-    if bounds:
-        raise UsageError(f"bounds given for {', '.join(bounds)}, which the optimizer does not have "
-                         f"(it has: {', '.join(s.name for s in specs)})")
-    return HParamSpace(specs, owner="the Trainer's optimizer")
-
-
-def _inner(optimizer: Any) -> Any:
-    """The torch optimizer behind accelerate's ``AcceleratedOptimizer`` wrapper."""
-    return getattr(optimizer, "optimizer", optimizer)
 
 
 class MetacoreCallback(TrainerCallback):
@@ -116,7 +84,7 @@ class MetacoreCallback(TrainerCallback):
             raise UsageError(f"schedule must be one of {', '.join(SCHEDULE_MODES)}, got {schedule!r}")
         if direction not in ("min", "max"):
             raise UsageError(f"direction must be 'min' or 'max', got {direction!r}")
-        self.controller = _make_controller(controller, options, registry)
+        self.controller = make_controller(controller, options, registry)
         self.schedule = schedule
         self.bounds = dict(bounds or {})
         self.space: HParamSpace | None = space
@@ -124,9 +92,7 @@ class MetacoreCallback(TrainerCallback):
         self.val_data = val_data
         self.driver: ControllerDriver | None = None  # made at on_train_begin, when the optimizer exists
         self.history: list[tuple[int, dict[str, float]]] = []  # (global step, values the optimizer used)
-        self._groups: list[dict] = []
-        self._initial: list[dict[str, Any]] = []
-        self._sched_lrs: list[Any] = []
+        self.groups: ScheduledGroups | None = None
         self._model: Any = None
         self._val_iter: Any = None
         self._started = False
@@ -141,17 +107,14 @@ class MetacoreCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         if optimizer is None:
             raise ControllerError("MetacoreCallback: the Trainer has no optimizer at on_train_begin")
-        self._groups = _inner(optimizer).param_groups
         self.space = self.space or optimizer_hparam_space(optimizer, self.bounds)
-        keys = {s.name: s.key for s in self.space if s.acts_on == "optimizer"}
-        self._initial = [{k: g.get("initial_lr", g["lr"]) if k == "lr" else g.get(k) for k in keys.values()}
-                         for g in self._groups]
-        self._sched_lrs = [g["lr"] for g in self._groups]
+        self.groups = ScheduledGroups(optimizer, self.space, self.schedule)
+        groups = self.groups.groups
         self._model = kwargs.get("model")
         self.driver = ControllerDriver(
-            self.controller, self.space, params=[p for g in self._groups for p in g["params"] if p.requires_grad],
-            optimizer=_inner(optimizer), write=lambda changes: self._write_groups(), val_loss=self._val_loss,
-            model=self._model, metric=self.metric, direction=self.direction, write_every_step=True)
+            self.controller, self.space, params=[p for g in groups for p in g["params"] if p.requires_grad],
+            optimizer=inner_optimizer(optimizer), write=lambda changes: self.groups.write(changes),
+            val_loss=self._val_loss, model=self._model, metric=self.metric, direction=self.direction)
         self.driver.start(self.space.defaults(), int(args.seed), int(state.max_steps), write=False)
         self._started = True
         if state.global_step > 0:  # Trainer resumed from a checkpoint: continue the controller saved with it
@@ -177,47 +140,23 @@ class MetacoreCallback(TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, model=None, **kwargs):
         if not self._started:
             return
-        self._sched_lrs = [g["lr"] for g in self._groups]  # the scheduler's values for this step
+        self.groups.before_step(self.hparams)  # the scheduler's values kept aside, the controller's in force
         if model is not None:
             self._model = self.driver.model = model
         self.driver.before_optimizer_step(int(state.global_step), epoch=float(state.epoch or 0.0),
                                           budget=int(state.max_steps))  # observe, act, sanitize, write the groups
-        self.history.append((state.global_step, floats(self.hparams) | {"lr_used": to_float(self._groups[0]["lr"])}))
+        used = to_float(self.groups.groups[0]["lr"])
+        self.history.append((state.global_step, floats(self.hparams) | {"lr_used": used}))
         scheduler = kwargs.get("lr_scheduler")
         target = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
         if target is not None and hasattr(target, "_last_lr"):
-            target._last_lr = [g["lr"] for g in self._groups]  # so Trainer logs the learning rate actually used
+            target._last_lr = [g["lr"] for g in self.groups.groups]  # so Trainer logs the learning rate actually used
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if not self._started:
             return
         self.driver.after_optimizer_step()
-        for group, lr in zip(self._groups, self._sched_lrs, strict=True):
-            group["lr"] = lr  # the scheduler continues from its own value
-
-    def _write_groups(self) -> None:
-        ref = {s.name: s.default for s in self.space}
-        for spec in self.space:
-            if spec.acts_on != "optimizer":
-                continue
-            value = self.hparams[spec.name]
-            for i, group in enumerate(self._groups):
-                if spec.key not in group:
-                    continue
-                if spec.name == "lr":
-                    base = self._sched_lrs[i] if self.schedule == "scale" else self._initial[i]["lr"]
-                    group["lr"] = value * (base / ref["lr"]) if base != ref["lr"] else value
-                    continue
-                initial = self._initial[i].get(spec.key)
-                if spec.index is not None:
-                    initial = initial[spec.index] if initial is not None else None
-                new = value
-                if initial is not None and ref[spec.name] != 0:
-                    ratio = float(initial) / ref[spec.name]
-                    new = value if ratio == 1.0 else value * ratio
-                elif initial == 0 and any(self._initial[j].get(spec.key) for j in range(len(self._groups))):
-                    new = 0.0  # a group that started at 0 while others did not (no-decay group) stays at 0
-                spec.write(group, new)
+        self.groups.after_step()  # the scheduler continues from its own values
 
     def _val_loss(self):
         """The loss of the next ``val_data`` batch (cycled); the driver takes its gradients in eval mode."""
@@ -258,19 +197,3 @@ def _log_to_mlflow(metrics: Mapping[str, float], step: int) -> None:
 
     if mlflow.active_run() is not None:
         mlflow.log_metrics({k: v for k, v in metrics.items() if math.isfinite(v)}, step=step)
-
-
-def _make_controller(controller: Any, options: Mapping[str, Any], registry: Any) -> Controller:
-    if isinstance(controller, Controller):
-        if options:
-            raise UsageError("options are given to a controller instance; pass them to its constructor instead")
-        return controller
-    if isinstance(controller, type) and issubclass(controller, Controller):
-        return controller(**options)
-    if isinstance(controller, str):
-        if registry is None:
-            from metacore.core.registry import load_registry
-
-            registry = load_registry()
-        return registry.controller(controller).obj(**options)
-    raise UsageError(f"controller must be a registered name, a Controller subclass or instance; got {controller!r}")
