@@ -6,6 +6,8 @@
 docs/lightning.md walks through it; the one line that adds metacore is marked.
 """
 
+from pathlib import Path
+
 import lightning.pytorch as L
 import torch
 from lightning.pytorch.loggers import MLFlowLogger
@@ -86,10 +88,11 @@ def main(lr: float = 1e-2, seed: int = 0, max_epochs: int = 35, tracking_uri: st
         logger=MLFlowLogger(experiment_name="digits-lightning", tracking_uri=tracking_uri),
         callbacks=[MetacoreCallback("hypergrad", monitor="val_loss")],  # <- the added line
     )
-    data = Digits(seed=seed)
-    trainer.fit(DigitsNet(lr=lr), datamodule=data)
-    return trainer.test(datamodule=data)[0]
+    model, data = DigitsNet(lr=lr), Digits(seed=seed)
+    trainer.fit(model, datamodule=data)
+    return trainer.test(model, datamodule=data)[0]
 
 
 if __name__ == "__main__":
+    Path("mlflow_runs").mkdir(exist_ok=True)  # where the default MLflow store goes
     print(main())

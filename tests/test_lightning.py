@@ -321,3 +321,31 @@ def test_import_without_lightning_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "lightning.pytorch", None)
     with pytest.raises(ImportError, match=r'pip install "metacore\[lightning\]"'):
         importlib.import_module("metacore.integrations.lightning")
+
+
+def test_the_docs_show_the_example():
+    import re
+
+    page = (REPO / "docs" / "lightning.md").read_text()
+    shown = re.search(r"## A complete example.*?```python\n(.*?)```", page, re.S).group(1)
+    source = (REPO / "examples" / "lightning_digits.py").read_text()
+    assert source.endswith(shown) and source[: -len(shown)].strip().startswith('"""')  # the file, less its docstring
+    assert sum("# <- the added line" in line for line in shown.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_the_example_runs(tmp_path):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = EXAMPLE.main(max_epochs=1, tracking_uri=uri)
+    finally:
+        torch.set_num_threads(threads)
+    assert 0.0 <= result["test_acc"] <= 1.0 and math.isfinite(result["test_loss"])
+    client = MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("digits-lightning").experiment_id])[0]
+    assert {"train_loss", "val_loss", "hparam/lr", "controller/cos_lr"} <= set(run.data.metrics)
