@@ -349,3 +349,19 @@ def test_the_example_runs(tmp_path):
     client = MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("digits-lightning").experiment_id])[0]
     assert {"train_loss", "val_loss", "hparam/lr", "controller/cos_lr"} <= set(run.data.metrics)
+
+
+@pytest.mark.slow
+def test_results_script_runs_end_to_end(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "runs.json"
+    proc = subprocess.run([sys.executable, "benchmarks/lightning_hypergrad.py", "--seeds", "1", "--epochs", "1",
+                           "--lrs", "1e-2", "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert [(r["arm"], r["steps"]) for r in runs] == [("constant", 16), ("hypergrad", 16)]
+    assert "| 0.01 | hypergrad |" in proc.stdout
