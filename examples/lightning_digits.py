@@ -84,7 +84,7 @@ class DigitsNet(L.LightningModule):
 def main(lr: float = 1e-2, seed: int = 0, max_epochs: int = 35, tracking_uri: str = "sqlite:///mlflow_runs/mlflow.db"):
     L.seed_everything(seed)
     trainer = L.Trainer(
-        max_epochs=max_epochs, accelerator="cpu", log_every_n_steps=10,
+        max_epochs=max_epochs, accelerator="cpu", log_every_n_steps=10, default_root_dir="mlflow_runs",
         logger=MLFlowLogger(experiment_name="digits-lightning", tracking_uri=tracking_uri),
         callbacks=[MetacoreCallback("hypergrad", monitor="val_loss")],  # <- the added line
     )

@@ -334,8 +334,9 @@ def test_the_docs_show_the_example():
 
 
 @pytest.mark.slow
-def test_the_example_runs(tmp_path):
+def test_the_example_runs(tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)  # its checkpoints go under ./mlflow_runs
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
