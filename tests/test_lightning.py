@@ -366,3 +366,18 @@ def test_results_script_runs_end_to_end(tmp_path):
     runs = json.loads(out.read_text())["runs"]
     assert [(r["arm"], r["steps"]) for r in runs] == [("constant", 16), ("hypergrad", 16)]
     assert "| 0.01 | hypergrad |" in proc.stdout
+
+
+def test_any_registered_controller_autolr(tmp_path):
+    from metacore.core.registry import load_registry
+
+    if "autolr" not in load_registry().controllers:
+        pytest.skip("the autolr controller is not registered")
+    cb, probe = MetacoreCallback("autolr"), UpdateProbe()
+    fit(tmp_path, [cb, probe], max_steps=60, log_every_n_steps=2)
+    # its range test: the rate starts at 1e-2 x the initial one and grows every step (no per-step loss or way back
+    # from this integration: it reads the logged loss means)
+    assert probe.used[0] == pytest.approx(LR0 * 1e-2, rel=1e-4)
+    growth = 10 ** (8 / (0.3 * 60))  # 8 decades over the first 30% of the budget
+    assert probe.used[1:6] == pytest.approx([LR0 * 1e-2 * growth ** k for k in range(1, 6)], rel=1e-4)
+    assert [h["lr_used"] for _, h in cb.history] == pytest.approx(probe.used, rel=1e-4)
