@@ -45,10 +45,12 @@ class Net(L.LightningModule):
         self.scheduler = scheduler
         self.automatic_optimization = not manual
         self.val_logged: list[float] = []
+        self.train_logged: list[float] = []
 
     def training_step(self, batch, batch_idx):
         loss = F.cross_entropy(self.net(batch[0]), batch[1])
         self.log("train_loss", loss)
+        self.train_logged.append(float(loss))
         if not self.automatic_optimization:
             opt = self.optimizers()
             opt.zero_grad()
@@ -181,8 +183,11 @@ def test_accumulation_and_clipping(tmp_path):
     cb2 = MetacoreCallback(StepLr)
     module = Net()
     start = copy.deepcopy(module.net)
-    fit(tmp_path, [cb, probe], module=module, max_steps=6, accumulate_grad_batches=2, gradient_clip_val=0.05)
+    fit(tmp_path, [cb, probe], module=module, max_steps=6, accumulate_grad_batches=2, gradient_clip_val=0.05,
+        log_every_n_steps=2)
     rec = cb.controller
+    # the loss it sees: the mean over the logging interval's batches (2 steps x 2 batches), not divided by 2
+    assert rec.states[2].train_losses == pytest.approx([sum(module.train_logged[:4]) / 4], rel=1e-6)
     assert len(rec.grads) == len(rec.states) == rec.after == len(probe.used) == 6
     assert [s.step for s in rec.states] == list(range(6))
     data = EXAMPLE.Digits(batch_size=32, shuffle=False)

@@ -146,8 +146,9 @@ class MetacoreCallback(Callback):
         if self.driver is None:
             return
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if loss is not None and hasattr(loss, "detach"):
-            self._loss_sum = loss.detach() if self._loss_sum is None else self._loss_sum + loss.detach()
+        if loss is not None and hasattr(loss, "detach"):  # Lightning divides it by accumulate_grad_batches
+            loss = loss.detach() * trainer.accumulate_grad_batches
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
             self._loss_n += 1
         stepped, self._stepped = self._stepped, False  # not every batch steps under gradient accumulation
         every = trainer.log_every_n_steps
