@@ -154,10 +154,25 @@ class PlainLoop:
 
 
 # ---------------------------------------------------------------------------------------------------- controllers
+def default_controllers(registry: Any) -> list[str]:
+    """Every registered controller but ``static`` that runs with its default options (``replay`` needs a run)."""
+    from metacore.core.errors import UsageError
+
+    names = []
+    for name, entry in sorted(registry.controllers.items()):
+        try:
+            entry.obj()
+        except UsageError:
+            continue
+        if name != "static":
+            names.append(name)
+    return names
+
+
 def measure_controllers(setup: Setup, controllers: list[str] | None, steps: int, reps: int, warmup: int,
                         quiet: bool = False) -> dict[str, Any]:
     """Median step-time ratio of each controller against ``static`` (interleaved repetitions, one process)."""
-    names = controllers or sorted(n for n in setup.registry.controllers if n != "static")
+    names = controllers or default_controllers(setup.registry)
     budget = warmup + steps * reps + 1
     trainers: dict[str, Any] = {}
     spent: dict[str, list[float]] = {}  # seconds inside the controller's own calls, per name

@@ -35,9 +35,11 @@ def test_overhead_json_reports_framework_and_every_controller(tmp_path):
     for key in ("metacore_vs_plain_loop", "tracking_overhead"):
         assert result["framework"][key]["step_time_ratio"] > 0
     assert result["framework"]["tracking_overhead"]["train_loss_points_logged"] > 0
+    from benchmarks.overhead import default_controllers
     from metacore.core.registry import load_registry
 
-    expected = {n for n in load_registry().controllers if n != "static"}
+    expected = set(default_controllers(load_registry()))
+    assert expected and "static" not in expected
     assert set(result["controllers"]) == expected
     assert all("step_time_ratio" in r for r in result["controllers"].values())
     assert "cli_startup" in result["framework"]

@@ -25,10 +25,28 @@ def test_every_plugin_loads():
     assert REGISTRY.tasks and REGISTRY.controllers
 
 
+@pytest.fixture(scope="module")
+def logged_schedule(tmp_path_factory):
+    """A run with an ``hparam/lr`` trajectory, for the controllers that replay one (``replay``)."""
+    from metacore.core.tracking import MlflowTracker
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('source') / 'mlflow.db'}"
+    tracker = MlflowTracker(uri)
+    run_id = tracker.start_run("source", "schedule")
+    for step in range(2, 30, 2):
+        tracker.log_metrics(run_id, {"hparam/lr": 0.05 * 0.9 ** step, "hparam/momentum": 0.5}, step)
+    tracker.end_run(run_id)
+    return {"from": run_id, "tracking_uri": uri}
+
+
 class TestRegisteredControllers(ControllerContract):
     @pytest.fixture(params=registered_names(REGISTRY, "controller"))
     def controller_class(self, request):
         return REGISTRY.controllers[request.param].obj
+
+    @pytest.fixture
+    def controller_options(self, controller_class, request):
+        return request.getfixturevalue("logged_schedule") if "from" in controller_class.options else {}
 
 
 class TestRegisteredTasks(TaskContract):

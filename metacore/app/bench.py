@@ -41,6 +41,10 @@ class BenchRequest:
     experiment: str | None = None
     device: str = "auto"
     workers: int = 1
+    backend: str = "local"  # "local": this machine's process pool; "ray": one Ray task per unit
+    address: str | None = None  # Ray cluster address (default: a local Ray instance)
+    cpus_per_unit: float = 1.0
+    gpus_per_unit: float = 0.0
 
 
 @dataclass
@@ -103,6 +107,10 @@ def plan_bench(req: BenchRequest, registry: Any = None) -> list[Unit]:
         raise UsageError(f"--controllers lists a controller twice: {','.join(req.controllers)}")
     if req.workers < 1:
         raise UsageError(f"--workers must be at least 1, got {req.workers}")
+    if req.backend not in ("local", "ray"):
+        raise UsageError(f"--backend must be local or ray, got {req.backend!r}")
+    if req.address and req.backend != "ray":
+        raise UsageError("--address needs --backend ray")
     if req.seeds < 1:
         raise UsageError(f"--seeds must be at least 1, got {req.seeds}")
     clash = sorted(set(req.grid) & set(req.sets))
@@ -128,6 +136,10 @@ def plan_bench(req: BenchRequest, registry: Any = None) -> list[Unit]:
                         experiment=req.experiment or _default_experiment(req.tasks), device=req.device)
                     plan_run(run_req, registry)  # validation only: bad input stops the bench before it starts
                     units.append(Unit(len(units), run_req, point))
+    if req.backend == "ray":
+        from metacore.cluster.ray_bench import check_request
+
+        check_request(req)
     return units
 
 
@@ -174,6 +186,7 @@ def run_bench(req: BenchRequest, units: list[Unit], *, command: str | None = Non
         params={"tasks": ",".join(req.tasks), "controllers": ",".join(req.controllers), "baseline": baseline,
                 "seeds": req.seeds, "first_seed": req.seed, "grid": req.grid, "preset": req.preset,
                 "steps": req.steps, "epochs": req.epochs, "workers": req.workers, "units": len(units),
+                "backend": req.backend,
                 "metacore.version": __version__, "git.commit": git_commit(), **{f"set.{k}": v for k, v in
                                                                                  req.sets.items()}})
     start = time.perf_counter()
@@ -181,11 +194,20 @@ def run_bench(req: BenchRequest, units: list[Unit], *, command: str | None = Non
     status = "FAILED"
     try:
         say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-        say(f"bench {bench_id}: {len(units)} unit(s), {req.workers} worker(s)")
-        if req.workers == 1:
+        say(f"bench {bench_id}: {len(units)} unit(s), " + (f"Ray {req.address or 'local instance'}"
+            if req.backend == "ray" else f"{req.workers} worker(s)"))
+
+        def done(unit: Unit, res: dict[str, Any]) -> None:
+            results.append(res)
+            _progress(say, unit, res, len(results), len(units))
+
+        if req.backend == "ray":
+            from metacore.cluster.ray_bench import run_units
+
+            run_units(req, units, bench_id, done)
+        elif req.workers == 1:
             for unit in units:
-                results.append(_run_unit(unit, bench_id, None))
-                _progress(say, unit, results[-1], len(results), len(units))
+                done(unit, _run_unit(unit, bench_id, None))
         else:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -195,8 +217,7 @@ def run_bench(req: BenchRequest, units: list[Unit], *, command: str | None = Non
             try:
                 futures = {pool.submit(_run_unit, u, bench_id, threads): u for u in units}
                 for fut in as_completed(futures):
-                    results.append(fut.result())
-                    _progress(say, futures[fut], results[-1], len(results), len(units))
+                    done(futures[fut], fut.result())
             except BaseException:
                 _stop_pool(pool)
                 raise
@@ -231,7 +252,8 @@ def run_bench(req: BenchRequest, units: list[Unit], *, command: str | None = Non
             "report.md"
         meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "metacore": __version__,
                 "git commit": git_commit(), "device": resolve_device(req.device),
-                "CPU cores": os.cpu_count(), "workers": req.workers,
+                "CPU cores": os.cpu_count(), "workers": req.workers if req.backend == "local" else
+                f"Ray ({req.address or 'local instance'}, {req.cpus_per_unit:g} CPU per unit)",
                 "bench wall time": f"{wall:.0f} s", "MLflow": f"experiment `{experiment}`, bench parent run "
                 f"`{bench_id}`", "runs": f"{len(runs)} finished, {len(failures)} unit(s) failed"}
         path, plots = build_report(source, logged, result, report_path, plot_dir, heading=_heading(req),

@@ -28,6 +28,11 @@ def add_parser(sub: Any) -> None:
     flags.add(b, [flags.SET.but(help="fixed initial hyperparameter or task option for every run (repeatable)"),
                   flags.PRESET, flags.STEPS, flags.EPOCHS])
     b.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
+    b.add_argument("--backend", default="local", help="local: a process pool on this machine (default); ray: one "
+                   "Ray task per unit, on a local Ray instance or the cluster at --address")
+    b.add_argument("--address", help="Ray cluster to join (HOST:PORT of `ray start --head`, or auto)")
+    b.add_argument("--cpus-per-unit", type=float, default=1.0, help="CPUs Ray reserves per unit (default 1)")
+    b.add_argument("--gpus-per-unit", type=float, default=0.0, help="GPUs Ray reserves per unit (default 0)")
     b.add_argument("--report", metavar="PATH", help="markdown report (default mlflow_runs/reports/bench-<id>/"
                    "report.md); an existing file with the bench markers keeps everything outside them")
     b.add_argument("--section", metavar="NAME", help="write between the markers of this named section of --report "
@@ -58,7 +63,8 @@ def main(args: argparse.Namespace) -> int:
         baseline=None if args.baseline == "none" else args.baseline, seeds=args.seeds, seed=args.seed,
         grid=parse_grid(args.grid), preset=args.preset, steps=args.steps, epochs=args.epochs,
         sets=parse_assignments(args.sets, "--set"), data_dir=args.data_dir, tracking_uri=args.tracking_uri,
-        experiment=args.experiment, device=args.device, workers=args.workers)
+        experiment=args.experiment, device=args.device, workers=args.workers,
+        backend=args.backend, address=args.address, cpus_per_unit=args.cpus_per_unit, gpus_per_unit=args.gpus_per_unit)
     units = plan_bench(req, registry)
     command = "metacore " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == [NAME] else None
     out = run_bench(req, units, command=command, report=args.report, plot_dir=args.plot_dir, quiet=args.json,

@@ -28,6 +28,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "metacore.controllers.schedules",
     "metacore.controllers.hypergrad",
     "metacore.controllers.autolr",
+    "metacore.controllers.replay",
     "metacore.controllers.ppo.plugin",
 )
 
