@@ -44,6 +44,8 @@ def check_address(address: str) -> None:
 @contextlib.contextmanager
 def ray_session(address: str | None, what: str, num_cpus: int | None = None) -> Iterator[Any]:
     """``ray.init`` for the duration of the block, then ``ray.shutdown``. Yields the ``ray`` module."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0, Tune prints no tables of its own
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     ray = require_ray(what)
     if address:
         check_address(address)

@@ -9,5 +9,6 @@ COMMANDS: tuple[str, ...] = (
     "metacore.commands.list",
     "metacore.commands.compare",
     "metacore.commands.bench",
+    "metacore.commands.tune",
     "metacore.commands.meta_train",
 )
