@@ -149,6 +149,9 @@ class MlflowTracker(Tracker):
         self._buffers: dict[str, list[Any]] = {}
         self._experiments: dict[str, str] = {}
         self._prepare_local_store()
+        # with a tracking server MLflow prints "View run ... at: URL" on stdout when a run ends, which would break
+        # --json (one JSON object on stdout and nothing else)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "creating tables" chatter on stderr
         logging.getLogger("alembic").setLevel(logging.WARNING)
         try:
