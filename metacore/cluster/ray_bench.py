@@ -80,10 +80,14 @@ def _ray_unit(unit: Any, bench_id: str, threads: int) -> dict[str, Any]:
         inner = MlflowTracker(unit.request.tracking_uri)
         plan = plan_run(unit.request)
         previous = _previous_attempt(inner, bench_id, unit.index)
-        tags = {"metacore.bench": bench_id, "metacore.unit": str(unit.index), "metacore.attempt": "1"}
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        tags = {"metacore.bench": bench_id, "metacore.unit": str(unit.index), "metacore.attempt": "1",
+                "metacore.ray_node": node}
         if previous:
             attempt = int(previous["tags"].get("metacore.attempt", "1")) + 1
-            inner.set_tags(previous["run_id"], {"metacore.attempt": str(attempt)})
+            inner.set_tags(previous["run_id"], {"metacore.attempt": str(attempt), "metacore.ray_node": node})
             _drop_unresumable(inner, previous["run_id"])
         summary = execute(plan, NestedTracker(inner, bench_id, tags),
                           resume_parent=previous["run_id"] if previous else None)
