@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -64,7 +65,8 @@ def ray_session(address: str | None, what: str, num_cpus: int | None = None) -> 
             lines = str(exc).strip().splitlines() or [type(exc).__name__]
             raise UsageError(f"cannot start or join Ray{' at ' + address if address else ''}: {lines[0]}") from None
     try:
-        yield ray
+        with contextlib.redirect_stdout(sys.stderr):  # Ray prints worker deaths etc. on stdout; --json owns stdout
+            yield ray
     finally:
         if started_here:
             ray.shutdown()
