@@ -39,7 +39,7 @@ def test_unreachable_address_is_one_line_exit_2(cli):
 def test_restore_puts_the_perturbed_value_in_force_over_the_donors_optimizer_state():
     """What an exploit does: the donor's weights and optimizer state, then the recipient's perturbed lr in force
     (the optimizer state alone would bring back the donor's lr)."""
-    from metacore.cluster.tune_trial import in_force, restore_with, weights_crc32
+    from metacore.app.tune_trial import in_force, restore_with, weights_crc32
     from metacore.controllers.static import StaticController
     from metacore.testing import run_controller
 
@@ -56,7 +56,7 @@ def test_restore_puts_the_perturbed_value_in_force_over_the_donors_optimizer_sta
 
 
 def test_schedule_points_follow_the_lineage():
-    from metacore.cluster.tune import schedule_points
+    from metacore.app.tune import schedule_points
 
     lineage = [{"step": 0, "in_force": {"lr": 0.1}}, {"step": 10, "in_force": {"lr": 0.05}}]
     assert schedule_points(lineage, 22, 5) == [(5, {"lr": 0.1}), (10, {"lr": 0.1}), (15, {"lr": 0.05}),

@@ -137,7 +137,7 @@ def plan_bench(req: BenchRequest, registry: Any = None) -> list[Unit]:
                     plan_run(run_req, registry)  # validation only: bad input stops the bench before it starts
                     units.append(Unit(len(units), run_req, point))
     if req.backend == "ray":
-        from metacore.cluster.ray_bench import check_request
+        from metacore.app.ray_bench import check_request
 
         check_request(req)
     return units
@@ -202,7 +202,7 @@ def run_bench(req: BenchRequest, units: list[Unit], *, command: str | None = Non
             _progress(say, unit, res, len(results), len(units))
 
         if req.backend == "ray":
-            from metacore.cluster.ray_bench import run_units
+            from metacore.app.ray_bench import run_units
 
             run_units(req, units, bench_id, done)
         elif req.workers == 1:

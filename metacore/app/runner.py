@@ -93,8 +93,8 @@ def plan_run(request: RunRequest, registry: Registry | None = None) -> Plan:
         raise UsageError(f"--checkpoint-interval must be >= 0, got {request.checkpoint_interval}")
 
     suggested = task.controller_defaults(options)
-    if request.tracking_uri:  # a controller that reads runs back (replay) looks in this run's store by default
-        suggested = {"tracking_uri": request.tracking_uri, **suggested}
+    # a controller that reads runs back (replay) looks in this run's store by default
+    suggested = {"tracking_uri": request.tracking_uri or default_tracking_uri(), **suggested}
 
     def _role(role: str, entry: Any, given: dict[str, Any]) -> Role:  # the task's suggestions, then the user's
         cls = entry.obj

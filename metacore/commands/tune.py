@@ -53,8 +53,8 @@ def _ranges(items: list[str] | None) -> dict[str, tuple[str, str]]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from metacore.cluster.ray_runtime import check_address, require_ray
-    from metacore.cluster.tune import TuneRequest, plan_tune, run_tune
+    from metacore.app.ray_runtime import check_address, require_ray
+    from metacore.app.tune import TuneRequest, plan_tune, run_tune
     from metacore.commands.common import report_failures
     from metacore.core.options import parse_assignments
     from metacore.core.registry import load_registry

@@ -74,9 +74,7 @@ def load_trajectory(uri: str | None, run_id: str) -> dict[str, tuple[tuple[int, 
     logged at a step wins). UsageError if there is no such run or it logged no ``hparam/*`` metric."""
     import logging
 
-    from metacore.core.tracking import default_tracking_uri
-
-    uri = uri or default_tracking_uri()
+    # metacore run passes its own store; used directly without one, MLflow's own default (MLFLOW_TRACKING_URI)
     try:
         from mlflow.tracking import MlflowClient
 
@@ -84,7 +82,7 @@ def load_trajectory(uri: str | None, run_id: str) -> dict[str, tuple[tuple[int, 
         client = MlflowClient(tracking_uri=uri)
         run = client.get_run(run_id)
     except Exception:
-        raise UsageError(f"controller replay: no run {run_id!r} in {uri}") from None
+        raise UsageError(f"controller replay: no run {run_id!r} in {uri or 'the default MLflow store'}") from None
     names = sorted(k[len(PREFIX):] for k in run.data.metrics if k.startswith(PREFIX))
     if not names:
         raise UsageError(f"controller replay: run {run_id} has no hparam/* metrics to replay (a run parent? "

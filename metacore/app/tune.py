@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metacore.app.runner import RunRequest
 from metacore.core.errors import UsageError
-from metacore.core.runner import RunRequest
 
 SCHEDULERS = ("pbt", "pb2", "asha")
 TUNE_ROOT = Path("mlflow_runs") / "tune"
@@ -61,7 +61,7 @@ class TunePlan:
 
 def plan_tune(req: TuneRequest) -> TunePlan:
     """Validate everything before Ray starts or anything is written."""
-    from metacore.core.runner import plan_run
+    from metacore.app.runner import plan_run
 
     if req.scheduler not in SCHEDULERS:
         raise UsageError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {req.scheduler!r}")
@@ -141,8 +141,8 @@ def run_tune(plan: TunePlan, *, quiet: bool = False) -> dict[str, Any]:
     import numpy as np
 
     from metacore import __version__
-    from metacore.cluster.ray_runtime import absolute_tracking_uri, ray_session
-    from metacore.core.runner import git_commit
+    from metacore.app.ray_runtime import absolute_tracking_uri, ray_session
+    from metacore.app.runner import git_commit
     from metacore.core.tracking import MlflowTracker
 
     req, run = plan.request, plan.run
@@ -197,7 +197,7 @@ def _fit(tune: Any, plan: TunePlan, spec: dict[str, Any], mode: str, parent_id: 
 
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    from metacore.cluster.tune_trial import train_trial
+    from metacore.app.tune_trial import train_trial
 
     req = plan.request
     storage = Path(req.storage_path or TUNE_ROOT).resolve()

@@ -22,7 +22,7 @@ MAX_RETRIES = 3  # a unit whose worker dies is run again this many times at most
 
 def check_request(req: Any) -> None:
     """What ``--backend ray`` needs, checked before the bench writes anything: Ray, a reachable address, resources."""
-    from metacore.cluster.ray_runtime import check_address, require_ray
+    from metacore.app.ray_runtime import check_address, require_ray
 
     if not req.cpus_per_unit > 0:
         raise UsageError(f"--cpus-per-unit must be positive, got {req.cpus_per_unit}")
@@ -35,8 +35,8 @@ def check_request(req: Any) -> None:
 
 def run_units(req: Any, units: list[Any], bench_id: str, on_done: Callable[[Any, dict[str, Any]], None]) -> None:
     """Submit every unit as a Ray task; call ``on_done(unit, result)`` as each finishes (any order)."""
-    from metacore.cluster.ray_runtime import absolute_tracking_uri, is_local_store, ray_session
-    from metacore.core.runner import CHECKPOINT_ROOT
+    from metacore.app.ray_runtime import absolute_tracking_uri, is_local_store, ray_session
+    from metacore.app.runner import CHECKPOINT_ROOT
 
     uri = absolute_tracking_uri(units[0].request.tracking_uri) if units else ""
     if req.address and is_local_store(uri):
@@ -73,8 +73,8 @@ def _ray_unit(unit: Any, bench_id: str, threads: int) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(threads)
-        from metacore.analysis.bench import NestedTracker
-        from metacore.core.runner import execute, plan_run
+        from metacore.app.bench import NestedTracker
+        from metacore.app.runner import execute, plan_run
         from metacore.core.tracking import MlflowTracker
 
         inner = MlflowTracker(unit.request.tracking_uri)

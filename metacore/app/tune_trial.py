@@ -52,10 +52,10 @@ def trial_values(config: dict[str, Any], space: Any, names: list[str]) -> dict[s
     return {name: space[name].clip(float(config[name])) for name in names}
 
 
-def restore_with(trainer: Any, payload: dict[str, Any], values: dict[str, float]) -> None:
+def restore_with(trainer: Any, payload: dict[str, Any], values: dict[str, float], logged_until: int = -1) -> None:
     """Load a checkpoint (weights, optimizer, data position, RNGs), then put ``values`` in force: the optimizer
     state just loaded carries the checkpoint's own values, which must not win over the trial's perturbed ones."""
-    trainer.restore({**payload, "hparams": {**payload["hparams"], **values}})
+    trainer.restore({**payload, "hparams": {**payload["hparams"], **values}}, logged_until=logged_until)
 
 
 def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
@@ -63,8 +63,8 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
+    from metacore.app.runner import RunRequest, budget_steps, plan_run
     from metacore.controllers.static import StaticController
-    from metacore.core.runner import RunRequest, budget_steps, plan_run
     from metacore.core.task import TaskContext
     from metacore.core.tracking import MlflowTracker
     from metacore.core.trainer import Trainer, TrainerConfig
@@ -94,9 +94,8 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
             payload = torch.load(Path(folder) / PAYLOAD, map_location=ctx.device, weights_only=True)
             meta = json.loads((Path(folder) / META).read_text())
         own = meta["trial"] == trial_id
-        if own:  # the trial itself, resumed after a pause or a lost worker: nothing it logged is logged again
-            trainer.log_floor = tracker.last_logged_step(run_id)
-        restore_with(trainer, payload, values)
+        # the trial itself, resumed after a pause or a lost worker: nothing it logged is logged again
+        restore_with(trainer, payload, values, tracker.last_logged_step(run_id) if own else -1)
         lineage = meta["lineage"]
         if not own or lineage[-1]["hparams"] != values:
             lineage = [*lineage, {"step": trainer.step, "trial": trial_id, "from_trial": meta["trial"],
