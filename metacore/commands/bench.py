@@ -30,9 +30,7 @@ def add_parser(sub: Any) -> None:
     b.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     b.add_argument("--backend", default="local", help="local: a process pool on this machine (default); ray: one "
                    "Ray task per unit, on a local Ray instance or the cluster at --address")
-    b.add_argument("--address", help="Ray cluster to join (HOST:PORT of `ray start --head`, or auto)")
-    b.add_argument("--cpus-per-unit", type=float, default=1.0, help="CPUs Ray reserves per unit (default 1)")
-    b.add_argument("--gpus-per-unit", type=float, default=0.0, help="GPUs Ray reserves per unit (default 0)")
+    flags.add(b, [flags.ADDRESS, flags.CPUS, flags.GPUS])
     b.add_argument("--report", metavar="PATH", help="markdown report (default mlflow_runs/reports/bench-<id>/"
                    "report.md); an existing file with the bench markers keeps everything outside them")
     b.add_argument("--section", metavar="NAME", help="write between the markers of this named section of --report "

@@ -112,6 +112,12 @@ CHECKPOINT_DIR = Flag("--checkpoint-dir", "where checkpoints go (default mlflow_
 RESUME = Flag("--resume", "continue an interrupted run (its parent run id) from its newest intact checkpoints, with "
               "its original options", metavar="RUN_ID")
 JSON = Flag("--json", "print one JSON object on stdout and nothing else", action="store_true")
+# Ray (bench --backend ray, tune)
+ADDRESS = Flag("--address", "Ray cluster to join (HOST:PORT of `ray start --head`, or auto; default: a local Ray "
+               "instance)")
+CPUS = Flag("--cpus-per-unit", "CPUs Ray reserves per unit, also its torch threads (default %(default)s)",
+            type=float, default=1.0)
+GPUS = Flag("--gpus-per-unit", "GPUs Ray reserves per unit (default %(default)s)", type=float, default=0.0)
 
 RUN = (TASK, CONTROLLER, BASELINE, PRESET, STEPS, EPOCHS, SEED, SEEDS, SET, CONTROLLER_SET, DATA_DIR, TRACKING_URI,
        EXPERIMENT, DEVICE, PRECISION, COMPILE, CHECKPOINT_INTERVAL, CHECKPOINT_DIR, RESUME,

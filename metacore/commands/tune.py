@@ -11,8 +11,10 @@ NAME = "tune"
 
 
 def add_parser(sub: Any) -> None:
+    from metacore.commands import flags
+
     t = sub.add_parser(NAME, help="population-based training (Ray Tune PBT / PB2) or ASHA over the same Trainer")
-    t.add_argument("--task", required=True, help="a registered task")
+    flags.add(t, [flags.TASK.but(help="a registered task", required=True)])
     t.add_argument("--scheduler", default="pbt", help="pbt, pb2 or asha (default pbt)")
     t.add_argument("--population", type=int, default=4, help="trials (PBT/PB2 members; ASHA's initial samples)")
     t.add_argument("--interval", type=int, help="perturbation interval in optimizer steps, a multiple of the "
@@ -20,23 +22,17 @@ def add_parser(sub: Any) -> None:
     t.add_argument("--hparams", default="lr", help="comma-separated hyperparameters to tune (default lr)")
     t.add_argument("--range", action="append", metavar="NAME=LOW,HIGH", dest="ranges",
                    help="narrow a hyperparameter's range (default: the task's declared bounds)")
-    t.add_argument("--preset", default="small", help="task scale: full, small or smoke (default small)")
-    t.add_argument("--steps", type=int, help="budget of each trial in optimizer steps (overrides the preset)")
-    t.add_argument("--seed", type=int, default=0, help="seed of every trial (same data order and initial weights)")
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", dest="sets",
-                   help="fixed hyperparameter or task option for every trial (repeatable)")
-    t.add_argument("--address", help="Ray cluster to join (HOST:PORT of `ray start --head`, or auto)")
-    t.add_argument("--cpus-per-trial", type=float, default=1.0, help="CPUs Ray reserves per trial (default 1)")
-    t.add_argument("--gpus-per-trial", type=float, default=0.0, help="GPUs Ray reserves per trial (default 0)")
+    flags.add(t, [flags.PRESET, flags.STEPS.but(help="budget of each trial in optimizer steps (overrides the preset)",
+                                                group=None),
+                  flags.SEED.but(help="seed of every trial: same data order and initial weights (default %(default)s)"),
+                  flags.SET.but(help="fixed hyperparameter or task option for every trial (repeatable)"),
+                  flags.ADDRESS, flags.CPUS.but(name="--cpus-per-trial", help="CPUs Ray reserves per trial, also its "
+                                                "torch threads (default %(default)s)"),
+                  flags.GPUS.but(name="--gpus-per-trial", help="GPUs Ray reserves per trial (default %(default)s)")])
     t.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints Tune keeps per trial (>= 2)")
     t.add_argument("--storage-path", help="Tune's checkpoints and results (default mlflow_runs/tune; shared "
                    "storage on a multi-node cluster)")
-    t.add_argument("--data-dir", help="local data root (also METACORE_DATA_DIR)")
-    t.add_argument("--tracking-uri", help="MLflow store (default sqlite:///mlflow_runs/mlflow.db; a tracking "
-                   "server http://HOST:PORT on a cluster)")
-    t.add_argument("--experiment", help="MLflow experiment (default: the task name)")
-    t.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
-    t.add_argument("--json", action="store_true", help="print one JSON object on stdout and nothing else")
+    flags.add(t, [flags.DATA_DIR, flags.TRACKING_URI, flags.EXPERIMENT, flags.DEVICE, flags.JSON])
 
 
 def _ranges(items: list[str] | None) -> dict[str, tuple[str, str]]:
