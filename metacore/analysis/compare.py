@@ -95,17 +95,28 @@ def condition_labels(groups: list[Group]) -> dict[tuple, str]:
     for conds in by_task.values():
         dicts = {c: _condition_dict(c) for c in conds}
         keys = sorted({k for d in dicts.values() for k in d})
-        varying = [k for k in keys if len({d.get(k) for d in dicts.values()}) > 1]
+        varying = [k for k in keys if _varies(k, list(dicts.values()))]
         for c, d in dicts.items():
             labels[c] = ", ".join(f"{k}={_short(d.get(k))}" for k in varying) or "default"
     return labels
+
+
+def _varies(key: str, dicts: list[dict[str, str]]) -> bool:
+    """Whether a condition key tells conditions apart; an optimizer's option only among runs of that optimizer."""
+    if not key.startswith("optimizer."):
+        return len({d.get(key) for d in dicts}) > 1
+    by_optimizer: dict[str | None, set] = {}
+    for d in dicts:
+        if key in d:
+            by_optimizer.setdefault(d.get("optimizer"), set()).add(d[key])
+    return any(len(values) > 1 for values in by_optimizer.values())
 
 
 def _condition_dict(config: tuple) -> dict[str, str]:
     _task, preset, budget, items = config
     out = {"preset": preset, "steps": budget}
     for k, v in items:
-        out[k.split(".", 1)[1]] = v
+        out[k.split(".", 1)[1] if k.startswith(("hparam.", "option.")) else k] = v
     return out
 
 

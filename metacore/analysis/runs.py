@@ -49,8 +49,11 @@ class RunRecord:
 
     def config_key(self) -> tuple:
         """What must match for two runs to be the same experiment condition (seed aside): task, preset, budget,
-        initial hyperparameters and task options."""
-        keep = sorted((k, v) for k, v in self.params.items() if k.startswith(("hparam.", "option.")))
+        initial hyperparameters, task options, and the optimizer with its options (``default``: the task's own, also
+        for runs logged before optimizers were plugins)."""
+        keep = sorted((k, v) for k, v in self.params.items()
+                      if k.startswith(("hparam.", "option.", "optimizer.")) and k != "optimizer.lr_free")
+        keep.append(("optimizer", self.params.get("optimizer", "default")))
         return (self.task, self.params.get("preset", ""), self.params.get("budget_steps", ""), tuple(keep))
 
 

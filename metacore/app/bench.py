@@ -23,6 +23,8 @@ from typing import Any
 from metacore.app.runner import RunRequest
 from metacore.core.errors import UsageError
 
+OPTIMIZER = "optimizer"  # the grid name that sweeps registered optimizers
+
 
 @dataclass
 class BenchRequest:
@@ -45,6 +47,7 @@ class BenchRequest:
     address: str | None = None  # Ray cluster address (default: a local Ray instance)
     cpus_per_unit: float = 1.0
     gpus_per_unit: float = 0.0
+    optimizer: str | None = None  # every run's optimizer (--optimizer); a grid over "optimizer" overrides it
 
 
 @dataclass
@@ -116,6 +119,8 @@ def plan_bench(req: BenchRequest, registry: Any = None) -> list[Unit]:
     clash = sorted(set(req.grid) & set(req.sets))
     if clash:
         raise UsageError(f"{clash[0]} is given both in --grid and --set")
+    if req.optimizer and "optimizer" in req.grid:
+        raise UsageError("optimizer is given both in --grid and --optimizer")
     units: list[Unit] = []
     names = list(req.grid)
     for task in req.tasks:
@@ -126,12 +131,14 @@ def plan_bench(req: BenchRequest, registry: Any = None) -> list[Unit]:
         others = [c for c in req.controllers if c != baseline] or [req.controllers[0]]
         for values in itertools.product(*(req.grid[n] for n in names)):
             point = dict(zip(names, values, strict=True))
+            sets = {k: v for k, v in {**req.sets, **point}.items() if k != OPTIMIZER}
+            optimizer = point.get(OPTIMIZER, req.optimizer)
             for i, controller in enumerate(others):
                 for seed in range(req.seed, req.seed + req.seeds):
                     run_req = RunRequest(
                         task=task, controller=controller,
                         baseline=baseline if i == 0 and controller != baseline else None, preset=req.preset,
-                        steps=req.steps, epochs=req.epochs, seed=seed, seeds=1, sets={**req.sets, **point},
+                        steps=req.steps, epochs=req.epochs, seed=seed, seeds=1, sets=sets, optimizer=optimizer,
                         data_dir=req.data_dir, tracking_uri=req.tracking_uri,
                         experiment=req.experiment or _default_experiment(req.tasks), device=req.device)
                     plan_run(run_req, registry)  # validation only: bad input stops the bench before it starts

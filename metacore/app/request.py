@@ -30,3 +30,4 @@ class RunRequest:
     checkpoint_dir: str | None = None
     precision: str = "auto"  # auto: bf16 autocast on CUDA where the task declares it safe; fp32: never
     compile: bool = False  # torch.compile the model for training
+    optimizer: str | None = None  # a registered optimizer (--optimizer); None or "default": the task's own

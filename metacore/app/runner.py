@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 from metacore.app.request import PRECISIONS, RunRequest
 from metacore.core.errors import CheckpointError, UsageError
+from metacore.core.optimizer import DEFAULT as DEFAULT_OPTIMIZER
+from metacore.core.optimizer import check_build, controller_notes, optimizer_params, select_optimizer
 from metacore.core.registry import Registry, load_registry
 from metacore.core.task import Preset, Task, TaskContext, TaskData
 from metacore.core.tracking import MlflowTracker, Tracker, default_tracking_uri
@@ -63,21 +65,25 @@ class Plan:
     device: str
     data_dir: Path | None
     plugins: dict[str, str]  # name -> plugin it came from
+    optimizer: Any = None  # the chosen Optimizer plugin; None: the task builds its own
+    notes: list[str] = field(default_factory=list)  # what each controller adapts on top of the optimizer
 
 
 def plan_run(request: RunRequest, registry: Registry | None = None) -> Plan:
     registry = registry or load_registry()
     task_entry = registry.task(request.task)
-    task: Task = task_entry.obj()
+    task, optimizer, sets = select_optimizer(registry, task_entry.obj(), request.optimizer, request.sets)
     preset = task.preset(request.preset)
     space = task.hparam_space()
-    hp_given = {k: v for k, v in request.sets.items() if k in space}
-    opt_given = {k: v for k, v in request.sets.items() if k not in space}
+    hp_given = {k: v for k, v in sets.items() if k in space}
+    opt_given = {k: v for k, v in sets.items() if k not in space}
     unknown = [k for k in opt_given if k not in task.option_specs()]
     if unknown:
+        extra = f"; optimizer {optimizer.name} options: {', '.join(optimizer.options) or 'none'}" if optimizer else ""
         raise UsageError(
             f"unknown hyperparameter or option {unknown[0]!r} for task {task.name} "
-            f"(hyperparameters: {', '.join(space.names())}; options: {', '.join(task.option_specs()) or 'none'})"
+            f"(hyperparameters: {', '.join(space.names())}; options: {', '.join(task.option_specs()) or 'none'}"
+            f"{extra})"
         )
     hparams = space.resolve(hp_given)
     options = task.resolve_options(preset, opt_given)
@@ -108,11 +114,15 @@ def plan_run(request: RunRequest, registry: Registry | None = None) -> Plan:
         base_entry = registry.controller(request.baseline)
         roles.append(_role("baseline", base_entry, {}))
         plugins[base_entry.name] = base_entry.plugin
+    notes = controller_notes(optimizer, roles, space)
     data_dir = request.data_dir or os.environ.get("METACORE_DATA_DIR")
     if data_dir and not Path(data_dir).is_dir():
         raise UsageError(f"data directory {data_dir} does not exist")
-    return Plan(request, task, preset, options, hparams, roles, resolve_device(request.device),
-                Path(data_dir) if data_dir else None, plugins)
+    device = resolve_device(request.device)
+    if optimizer is not None:
+        check_build(optimizer, hparams, TaskContext(preset, dict(options), request.seed, "cpu", None, dict(hparams)))
+    return Plan(request, task, preset, options, hparams, roles, device, Path(data_dir) if data_dir else None,
+                plugins, optimizer, notes)
 
 
 def resolve_device(device: str) -> str:
@@ -232,7 +242,7 @@ def _common_params(plan: Plan) -> dict[str, Any]:
     return {"task": plan.task.name, "preset": plan.preset.name, "device": plan.device,
             "precision": plan.request.precision, "compile": plan.request.compile,
             "metacore.version": __version__, "git.commit": git_commit(),
-            **{f"option.{k}": v for k, v in plan.options.items()},
+            **optimizer_params(plan.optimizer), **{f"option.{k}": v for k, v in plan.options.items()},
             **{f"hparam.{k}": v for k, v in plan.hparams.items()}}
 
 
@@ -288,7 +298,9 @@ def _run_one(plan: Plan, tracker: Tracker, experiment: str, parent_id: str, ctx:
             progress.stop()
         if run_status != "FINISHED":
             tracker.end_run(run_id, run_status)
-    entry = {"run_id": run_id, "controller": name, "role": role, "seed": seed, "steps": result.steps,
+    entry = {"run_id": run_id, "controller": name, "role": role, "seed": seed,
+             "optimizer": plan.optimizer.name if plan.optimizer else DEFAULT_OPTIMIZER,
+             "optimizer_options": dict(plan.optimizer.config) if plan.optimizer else {}, "steps": result.steps,
              "wall_s": result.wall_s, "final": result.final, "best": result.best,
              "hparams_final": result.hparams_final, "diverged": result.diverged, "rollbacks": result.rollbacks,
              "compute_ratio": result.compute_ratio}

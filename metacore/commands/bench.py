@@ -24,8 +24,10 @@ def add_parser(sub: Any) -> None:
                    "(default: the task's, usually static; run once per grid point and seed); 'none' for none")
     flags.add(b, [flags.SEEDS.but(default=3), flags.SEED])
     b.add_argument("--grid", action="append", metavar="NAME=V1,V2,...",
-                   help="initial hyperparameter (or task option) values to sweep; repeat for a product grid")
-    flags.add(b, [flags.SET.but(help="fixed initial hyperparameter or task option for every run (repeatable)"),
+                   help="initial hyperparameter (or task option) values to sweep; repeat for a product grid; "
+                   "optimizer=default,prodigy,... sweeps registered optimizers")
+    flags.add(b, [flags.OPTIMIZER.but(help="a registered optimizer for every run (default: each task's own)"),
+                  flags.SET.but(help="fixed initial hyperparameter or task option for every run (repeatable)"),
                   flags.PRESET, flags.STEPS, flags.EPOCHS])
     b.add_argument("--workers", type=int, default=1, help="parallel worker processes (default 1)")
     b.add_argument("--backend", default="local", help="local: a process pool on this machine (default); ray: one "
@@ -61,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
         baseline=None if args.baseline == "none" else args.baseline, seeds=args.seeds, seed=args.seed,
         grid=parse_grid(args.grid), preset=args.preset, steps=args.steps, epochs=args.epochs,
         sets=parse_assignments(args.sets, "--set"), data_dir=args.data_dir, tracking_uri=args.tracking_uri,
-        experiment=args.experiment, device=args.device, workers=args.workers,
+        experiment=args.experiment, device=args.device, workers=args.workers, optimizer=args.optimizer,
         backend=args.backend, address=args.address, cpus_per_unit=args.cpus_per_unit, gpus_per_unit=args.gpus_per_unit)
     units = plan_bench(req, registry)
     command = "metacore " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == [NAME] else None

@@ -84,6 +84,8 @@ def _default(field: str) -> Any:
 TASK = Flag("--task", "a registered task (metacore list tasks); required unless --resume", field="task")
 CONTROLLER = Flag("--controller", "a registered controller; static keeps the initial values; required unless "
                   "--resume", field="controller")
+OPTIMIZER = Flag("--optimizer", "a registered optimizer (metacore list optimizers) for every run; default: the "
+                 "task's own; its options go in --set", field="optimizer")
 BASELINE = Flag("--baseline", "controller run beside it (default: the task's, usually static); 'none' for no "
                 "baseline", field="baseline")
 PRESET = Flag("--preset", "task scale: full, small or smoke (default %(default)s)", default=_default("preset"),
@@ -119,7 +121,7 @@ CPUS = Flag("--cpus-per-unit", "CPUs Ray reserves per unit, also its torch threa
             type=float, default=1.0)
 GPUS = Flag("--gpus-per-unit", "GPUs Ray reserves per unit (default %(default)s)", type=float, default=0.0)
 
-RUN = (TASK, CONTROLLER, BASELINE, PRESET, STEPS, EPOCHS, SEED, SEEDS, SET, CONTROLLER_SET, DATA_DIR, TRACKING_URI,
+RUN = (TASK, CONTROLLER, OPTIMIZER, BASELINE, PRESET, STEPS, EPOCHS, SEED, SEEDS, SET, CONTROLLER_SET, DATA_DIR, TRACKING_URI,
        EXPERIMENT, DEVICE, PRECISION, COMPILE, CHECKPOINT_INTERVAL, CHECKPOINT_DIR, RESUME,
        JSON.but(help="print one JSON summary on stdout and nothing else"))
 

@@ -1,4 +1,4 @@
-"""``metacore list``: registered tasks and controllers, and the plugin each came from."""
+"""``metacore list``: registered tasks, controllers and optimizers, and the plugin each came from."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ NAME = "list"
 
 
 def add_parser(sub: Any) -> None:
-    lst = sub.add_parser(NAME, help="registered tasks and controllers, and where each came from")
-    lst.add_argument("what", nargs="?", choices=["tasks", "controllers"], help="only tasks or only controllers")
+    lst = sub.add_parser(NAME, help="registered tasks, controllers and optimizers, and where each came from")
+    lst.add_argument("what", nargs="?", choices=["tasks", "controllers", "optimizers"],
+                     help="only tasks, controllers or optimizers")
     lst.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -38,15 +39,21 @@ def main(args: argparse.Namespace) -> int:
                                "distribution": e.distribution,
                                "options": {k: s.default for k, s in e.obj.options.items()}}
                               for e in registry.controllers.values()]
+    if args.what in (None, "optimizers"):
+        from metacore.commands.common import optimizer_rows
+
+        out["optimizers"] = optimizer_rows(registry)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    for kind in ("tasks", "controllers"):
+    for kind in ("tasks", "controllers", "optimizers"):
         if kind not in out:
             continue
         print(f"{kind}:")
         for item in out[kind]:
             extra = f"  presets: {', '.join(item['presets'])}" if kind == "tasks" else ""
+            if kind == "optimizers" and not item["available"]:
+                extra = f"  (not installed: pip install {item['requires']})"
             print(f"  {item['name']:<16} {item['description']}")
             print(f"  {'':<16} from {item['plugin']} ({item['distribution'] or 'unknown distribution'}){extra}")
     return 0

@@ -37,6 +37,8 @@ def main(args: argparse.Namespace) -> int:
         if missing:
             raise UsageError(f"metacore run: the following arguments are required: {', '.join(missing)}")
         plan = plan_run(_request(args, registry), registry)
+    for note in plan.notes:
+        print(f"metacore: {note}", file=sys.stderr)
     progress = None
     if not args.json:
         from metacore.app.progress import RunProgress

@@ -132,6 +132,17 @@ class HypergradController(Controller):
             self.names[role] = found[role]
         self.values = {role: float(hparams[name]) for role, name in self.names.items()}
 
+    def check_optimizer(self, optimizer: Any, space: HParamSpace) -> str:
+        """On a registered optimizer (``--optimizer``): what this controller adapts; momentum and weight decay only
+        for torch's SGD/Adam/AdamW (refused before the run starts otherwise)."""
+        found = _role_names(space)
+        extra = [r for r in self.roles if r != "lr" and r in found]
+        if extra and optimizer.family == "other":
+            raise UsageError(f"controller hypergrad adapts {', '.join(extra)} only on sgd, adam and adamw, not on "
+                             f"optimizer {optimizer.name}; use --controller-set adapt=lr (it adapts "
+                             f"{optimizer.lr_meaning})")
+        return f"adapts lr ({optimizer.lr_meaning})" + (f" and {', '.join(extra)}" if extra else "")
+
     def act(self, state: TrainingState) -> dict[str, Any]:
         changes, self._pending = self._pending, {}
         return changes

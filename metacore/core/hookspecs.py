@@ -21,3 +21,8 @@ def metacore_register_tasks(register: Register) -> None:
 @hookspec
 def metacore_register_controllers(register: Register) -> None:
     """Call ``register(ControllerClass)`` for every controller the plugin provides (a :class:`metacore.Controller`)."""
+
+
+@hookspec
+def metacore_register_optimizers(register: Register) -> None:
+    """Call ``register(OptimizerClass)`` for every optimizer the plugin provides (a :class:`metacore.Optimizer`)."""

@@ -30,14 +30,15 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "metacore.controllers.autolr",
     "metacore.controllers.replay",
     "metacore.controllers.ppo.plugin",
+    "metacore.optimizers.plugin",
 )
 
 
 @dataclass(frozen=True)
 class Entry:
-    """A registered task or controller and where it came from."""
+    """A registered task, controller or optimizer and where it came from."""
 
-    kind: str  # "task" | "controller"
+    kind: str  # "task" | "controller" | "optimizer"
     name: str
     obj: Any
     plugin: str
@@ -52,6 +53,7 @@ class Entry:
 class Registry:
     tasks: dict[str, Entry] = field(default_factory=dict)
     controllers: dict[str, Entry] = field(default_factory=dict)
+    optimizers: dict[str, Entry] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # plugin name -> one-line reason
 
     def task(self, name: str) -> Entry:
@@ -59,6 +61,9 @@ class Registry:
 
     def controller(self, name: str) -> Entry:
         return self._get(self.controllers, "controller", name)
+
+    def optimizer(self, name: str) -> Entry:
+        return self._get(self.optimizers, "optimizer", name)
 
     @staticmethod
     def _get(table: dict[str, Entry], kind: str, name: str) -> Entry:
@@ -118,6 +123,7 @@ def build_registry(pm: PluginManager | None = None) -> Registry:
     for kind, hook, table in (
         ("task", pm.hook.metacore_register_tasks, registry.tasks),
         ("controller", pm.hook.metacore_register_controllers, registry.controllers),
+        ("optimizer", pm.hook.metacore_register_optimizers, registry.optimizers),
     ):
         for impl in hook.get_hookimpls():  # registration order
             plugin_name = impl.plugin_name
@@ -137,9 +143,10 @@ def build_registry(pm: PluginManager | None = None) -> Registry:
 
 def _register(table: dict[str, Entry], kind: str, obj: Any, name: str | None, plugin: str, dist: str | None) -> None:
     from metacore.core.controller import Controller
+    from metacore.core.optimizer import Optimizer
     from metacore.core.task import Task
 
-    base = Task if kind == "task" else Controller
+    base = {"task": Task, "controller": Controller, "optimizer": Optimizer}[kind]
     if not (isinstance(obj, type) and issubclass(obj, base)):
         raise RegistryError(
             f"plugin {plugin!r} registered {obj!r} as a {kind}, but it is not a {base.__name__} subclass"

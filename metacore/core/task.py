@@ -79,6 +79,8 @@ class Task:
     # the model trains and evaluates correctly under bf16 autocast: on CUDA (``--precision auto``) the trainer runs the
     # loss and evaluation in ``torch.autocast(dtype=bfloat16)``; weights, optimizer state and the loss stay float32
     bf16_autocast: ClassVar[bool] = False
+    # the registered optimizers (``--optimizer``) this task can train with; None: any
+    optimizers: ClassVar[tuple[str, ...] | None] = None
 
     # --- declarations -------------------------------------------------------------------------------------------
     def hparam_space(self) -> HParamSpace:
@@ -125,6 +127,11 @@ class Task:
 
     def build_optimizer(self, model: torch.nn.Module, hparams: Mapping[str, float], ctx: TaskContext):
         raise NotImplementedError
+
+    def optimizer_metrics(self, optimizer: Any) -> dict[str, float]:
+        """Step metrics about the optimizer, logged at logging intervals (``hparam/effective_lr`` for a
+        learning-rate-free optimizer chosen with ``--optimizer``); none for the task's own."""
+        return {}
 
     # --- per step -----------------------------------------------------------------------------------------------
     def train_batch(self, data: TaskData, indices: torch.Tensor, ctx: TaskContext) -> tuple:

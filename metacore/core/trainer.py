@@ -278,7 +278,8 @@ class Trainer:
             self._rollback()
             return
         self.driver.record_loss(mean_loss)
-        self._log({"train/loss": mean_loss, "system/step_time_ms": step_ms, **self.driver.log_metrics()})
+        self._log({"train/loss": mean_loss, "system/step_time_ms": step_ms, **self.driver.log_metrics(),
+                   **self.task.optimizer_metrics(self.optimizer)})
         self._remember()
         if self.on_log:
             self.on_log(self.step)

@@ -1,0 +1,1 @@
+"""Built-in optimizer plugins: torch's SGD/Adam/AdamW and the learning-rate-free optimizers from their own packages."""
