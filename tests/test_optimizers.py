@@ -1,0 +1,252 @@
+"""Optimizer plugins: every built-in trains digits and resumes exactly, the hook contract, the error cases."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from metacore.core.errors import UsageError
+from metacore.core.hookspecs import hookimpl
+from metacore.core.optimizer import Optimizer
+from metacore.core.registry import load_registry
+from metacore.core.runner import RunRequest, plan_run
+from tests.conftest import run_cli
+
+BUILTINS = sorted(load_registry(entry_points=False).optimizers)
+SMOKE = 30  # steps: checkpoints at 10 and 20, a "kill" at 25
+
+
+def _plan(optimizer: str, registry=None, **sets):
+    req = RunRequest(task="digits", controller="static", baseline=None, preset="smoke", steps=SMOKE,
+                     optimizer=optimizer, sets={k: str(v) for k, v in sets.items()}, device="cpu")
+    return plan_run(req, registry)
+
+
+def _trainer(plan, tmp_path, controller=None, tracker=None, run_id=None):
+    from metacore.controllers.static import StaticController
+    from metacore.core.task import TaskContext
+    from metacore.core.trainer import Trainer, TrainerConfig
+
+    ctx = TaskContext(plan.preset, dict(plan.options), 0, "cpu", None, dict(plan.hparams))
+    cfg = TrainerConfig(budget=SMOKE, log_interval=5, eval_interval=10, checkpoint_interval=10,
+                        checkpoint_dir=tmp_path)
+    return Trainer(plan.task, controller or StaticController(), ctx, plan.hparams, cfg, tracker=tracker,
+                   run_id=run_id)
+
+
+def _weights(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_builtin_trains_digits_and_resumes_exactly_after_a_kill(name, tmp_path, memory_tracker):
+    import torch
+
+    from metacore.core.checkpoint import load_latest
+
+    plan = _plan(name)
+    rid = memory_tracker.start_run("e", name)
+    straight = _trainer(plan, tmp_path / "a", tracker=memory_tracker, run_id=rid)
+    first = straight.run()
+    assert first.steps == SMOKE and not first.diverged
+    assert all(math.isfinite(v) for v in first.final.values())
+    if plan.optimizer.lr_free:
+        eff = memory_tracker.history(rid, "hparam/effective_lr")
+        assert eff and all(math.isfinite(v) and v > 0 for _, v in eff)
+
+    killed = _trainer(plan, tmp_path / "b")
+    killed.advance(25)  # checkpoints at 10 and 20; what happened after step 20 is lost with the process
+    del killed
+    path, payload = load_latest(tmp_path / "b")  # torch.load(weights_only=True)
+    assert payload["step"] == 20
+    resumed = _trainer(plan, tmp_path / "c")
+    resumed.restore(payload)
+    second = resumed.run()
+    assert second.final == first.final and second.hparams_final == first.hparams_final
+    for key, value in _weights(straight).items():
+        assert torch.equal(value, _weights(resumed)[key]), key
+
+
+def test_effective_lr_follows_the_estimate(memory_tracker, tmp_path):
+    """Prodigy's logged step size is d·lr: it moves from d0 while lr stays the multiplier 1.0."""
+    rid = memory_tracker.start_run("e", "prodigy")
+    _trainer(_plan("prodigy"), tmp_path, tracker=memory_tracker, run_id=rid).run()
+    eff = [v for _, v in memory_tracker.history(rid, "hparam/effective_lr")]
+    assert [v for _, v in memory_tracker.history(rid, "hparam/lr")] == [1.0] * len(eff)
+    assert eff[-1] > 10 * 1e-6  # grew from d0 = 1e-6
+
+
+def test_divergence_guard_with_an_lr_free_optimizer(tmp_path):
+    from metacore.core.controller import Controller
+
+    class Blowup(Controller):
+        name = "blowup"
+
+        def act(self, state):
+            return {"lr": 100.0} if state.step == 6 else {}
+
+    trainer = _trainer(_plan("dadapt-sgd", d0=1.0), tmp_path, controller=Blowup())
+    result = trainer.run()
+    assert result.rollbacks >= 1
+    assert all(math.isfinite(v) for v in result.final.values())
+    assert result.hparams_final["lr"] < 100.0
+
+
+# ---------------------------------------------------------------------------------------------------- the hook
+class ScaledSGD(Optimizer):
+    """A third party's optimizer: SGD whose step is lr times a fixed option."""
+
+    name = "scaled-sgd"
+    description = "SGD with a scale option (test plugin)"
+    options = {}
+
+    def hparams(self):
+        from metacore.core.hparams import HParamSpec
+
+        return [HParamSpec("lr", 0.05, 1e-6, 10.0, log=True)]
+
+    def build(self, model, hparams, ctx):
+        import torch
+
+        return torch.optim.SGD(model.parameters(), lr=hparams["lr"])
+
+    def effective_lr(self, optimizer):
+        return optimizer.param_groups[0]["lr"] * 2.0
+
+
+class _Plugin:
+    __name__ = "test-optimizer-plugin"
+
+    @staticmethod
+    @hookimpl
+    def metacore_register_optimizers(register):
+        register(ScaledSGD)
+
+
+def test_a_plugin_optimizer_registers_and_trains(tmp_path, memory_tracker):
+    from metacore.core.registry import DEFAULT_PLUGINS, build_registry, get_plugin_manager
+
+    registry = build_registry(get_plugin_manager([*DEFAULT_PLUGINS, _Plugin()], entry_points=False))
+    entry = registry.optimizer("scaled-sgd")
+    assert entry.plugin == "test-optimizer-plugin" and entry.obj is ScaledSGD
+    plan = _plan("scaled-sgd", registry)
+    assert plan.hparams["lr"] == 0.05 and "momentum" not in plan.hparams  # the plugin's space, not the task's
+    rid = memory_tracker.start_run("e", "r")
+    result = _trainer(plan, tmp_path, tracker=memory_tracker, run_id=rid).run()
+    assert result.steps == SMOKE
+    assert memory_tracker.history(rid, "hparam/effective_lr")[0][1] == pytest.approx(0.1)
+    with pytest.raises(UsageError, match="does not take 'momentum'.*task digits"):
+        _plan("scaled-sgd", registry, momentum=0.5)
+
+
+def test_registering_a_non_optimizer_is_an_error():
+    from metacore.core.errors import RegistryError
+    from metacore.core.registry import build_registry, get_plugin_manager
+
+    class Bad:
+        __name__ = "bad-optimizer-plugin"
+
+        @staticmethod
+        @hookimpl
+        def metacore_register_optimizers(register):
+            register(dict)
+
+    with pytest.raises(RegistryError, match="not a Optimizer subclass|not an? Optimizer"):
+        build_registry(get_plugin_manager([Bad()], entry_points=False))
+
+
+def test_a_task_that_restricts_its_optimizers(tmp_path):
+    from metacore.plugins.digits import DigitsTask
+    from metacore.testing import make_registry
+
+    class SgdOnly(DigitsTask):
+        name = "digits-sgd-only"
+        optimizers = ("sgd",)
+
+    registry = make_registry(SgdOnly, builtins=True)
+    req = RunRequest(task="digits-sgd-only", controller="static", preset="smoke", optimizer="prodigy")
+    with pytest.raises(UsageError, match="task digits-sgd-only cannot train with optimizer prodigy"):
+        plan_run(req, registry)
+
+
+# ---------------------------------------------------------------------------------------------------- bad input
+def test_option_errors_name_task_and_optimizer():
+    plan = _plan("prodigy", d0=1e-5)
+    assert plan.optimizer.config["d0"] == 1e-5
+    with pytest.raises(UsageError, match="'reps_rel'.*task digits.*optimizer prodigy options"):
+        _plan("prodigy", reps_rel=1e-4)
+    with pytest.raises(UsageError, match="optimizer sf-sgd: Momentum"):
+        _plan("sf-sgd", momentum=0.0)  # the package rejects it; caught before anything is written
+
+
+def test_hypergrad_on_an_lr_free_optimizer_says_what_it_adapts_or_refuses():
+    req = RunRequest(task="digits", controller="hypergrad", preset="smoke", optimizer="dadapt-sgd")
+    assert "multiplier of D-Adaptation" in plan_run(req).notes[0]
+    req.controller_sets = {"adapt": "all"}
+    with pytest.raises(UsageError, match="hypergrad adapts momentum.*not on optimizer dadapt-sgd"):
+        plan_run(req)
+
+
+def test_cli_unknown_optimizer_lists_the_known_ones(tmp_path):
+    res = run_cli("run", "--task", "digits", "--controller", "static", "--preset", "smoke",
+                  "--optimizer", "nope", cwd=tmp_path)
+    assert res.returncode == 2
+    line = res.stderr.strip().splitlines()[-1]
+    assert "unknown optimizer 'nope'" in line and "prodigy" in line and "sgd" in line
+    assert "Traceback" not in res.stderr and not (tmp_path / "mlflow_runs" / "mlflow.db").exists()
+
+
+HIDE_PRODIGY = (
+    "import sys, importlib.abc\n"
+    "class Hide(importlib.abc.MetaPathFinder):\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name.split('.')[0] == 'prodigyopt':\n"
+    "            raise ModuleNotFoundError(name)\n"
+    "sys.meta_path.insert(0, Hide())\n"
+    "import importlib.util\n"
+    "real = importlib.util.find_spec\n"
+    "importlib.util.find_spec = lambda n, *a: None if n == 'prodigyopt' else real(n, *a)\n"
+    "from metacore.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_cli_missing_package_names_the_pip_install(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", HIDE_PRODIGY, "run", "--task", "digits", "--controller", "static",
+                          "--preset", "smoke", "--optimizer", "prodigy"], cwd=tmp_path, text=True,
+                         capture_output=True, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert "pip install prodigyopt" in res.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in res.stderr
+
+
+def test_cli_run_json_and_params_carry_the_optimizer(tmp_path):
+    res = run_cli("run", "--task", "digits", "--controller", "hypergrad", "--preset", "smoke", "--steps", "10",
+                  "--optimizer", "prodigy", "--set", "d0=1e-5", "--json",
+                  "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)  # the package's prints never reach stdout
+    assert {r["optimizer"] for r in summary["runs"]} == {"prodigy"}
+    assert summary["runs"][0]["optimizer_options"]["d0"] == 1e-5
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary["tracking_uri"])
+    for r in summary["runs"]:
+        params = client.get_run(r["run_id"]).data.params
+        assert params["optimizer"] == "prodigy" and params["optimizer.d0"] == "1e-05"
+        assert "hparam/effective_lr" in client.get_run(r["run_id"]).data.metrics
