@@ -7,6 +7,9 @@ Sections (each a function returning a JSON-able dict):
   logging to a real MLflow SQLite store against tracking off.
 * ``controllers``: step time of every registered controller against ``static`` on the same task, model, data and
   seed, plus the time spent inside the controller's own calls (the figure least exposed to a busy machine).
+* ``optimizers``: step time of every registered optimizer (``--optimizer``, static controller) against the torch
+  optimizer it builds on (``BASE``: D-Adaptation SGD, DoG, Mechanic SGD, Schedule-Free SGD against ``sgd``...),
+  on the same task, model, data and seed.
 * ``machine``: where it ran.
 
 Every runner is built and warmed up first; then repetitions are interleaved in a rotating order (rep r starts with
@@ -16,9 +19,11 @@ interval of the preset, so each holds the same share of per-interval work.
 
     python benchmarks/overhead.py --task cifar10 --preset small --json
     python benchmarks/overhead.py --task digits --controllers hypergrad --reps 7 --skip framework
+    python benchmarks/overhead.py --task cifar10 --skip framework,controllers --optimizers prodigy,sf-sgd
 
 Timings are not asserted anywhere; ``--json`` prints one object on stdout
-``{"controllers": {name: {"step_time_ratio": r, ...}}, "framework": {"metacore_vs_plain_loop": {...},
+``{"controllers": {name: {"step_time_ratio": r, ...}}, "optimizers": {name: {"base", "step_time_ratio", ...}},
+"framework": {"metacore_vs_plain_loop": {...},
 "tracking_overhead": {...}}, "machine": {...}}``.
 """
 
@@ -234,6 +239,50 @@ def _time_controller_calls(controller: Any) -> list[float]:
     return box
 
 
+# ---------------------------------------------------------------------------------------------------- optimizers
+BASE = {"dadapt-sgd": "sgd", "dadapt-adam": "adam", "prodigy": "adamw", "dog": "sgd", "ldog": "sgd",
+        "mechanic-sgd": "sgd", "mechanic-adamw": "adamw", "sf-sgd": "sgd", "sf-adamw": "adamw"}
+
+
+def measure_optimizers(setup: Setup, optimizers: list[str] | None, steps: int, reps: int, warmup: int,
+                       quiet: bool = False) -> dict[str, Any]:
+    """Median step-time ratio of each optimizer against the torch optimizer it builds on (``BASE``; ``sgd`` for one
+    not listed), static controller, interleaved repetitions in one process."""
+    from metacore.core.optimizer import select_optimizer
+    from metacore.core.task import TaskContext
+    from metacore.core.trainer import Trainer, TrainerConfig
+
+    names = optimizers or sorted(setup.registry.optimizers)
+    wanted = sorted({*names, *(BASE.get(n, "sgd") for n in names)})
+    budget = warmup + steps * reps + 1
+    trainers: dict[str, Any] = {}
+    errors: dict[str, str] = {}
+    for name in wanted:
+        try:
+            task, _opt, _ = select_optimizer(setup.registry, setup.task, name, {})
+            hparams = task.hparam_space().resolve({})
+            ctx = TaskContext(setup.preset, dict(setup.options), 0, setup.device, setup.data_dir, dict(hparams))
+            cfg = TrainerConfig(budget=budget, log_interval=setup.preset.log_interval, eval_interval=10**9)
+            trainer = Trainer(task, setup.registry.controller("static").obj(), ctx, hparams, cfg, data=setup.data)
+            trainer.advance(warmup)
+            trainers[name] = trainer
+        except Exception as exc:  # an optimizer that cannot run here (package missing...) is reported, not fatal
+            errors[name] = f"{type(exc).__name__}: {exc}"
+            _log(f"  {name}: skipped ({errors[name]})", quiet)
+    times = interleave({n: t.advance for n, t in trainers.items()}, steps, reps, setup.device, quiet)
+    out: dict[str, Any] = {}
+    for name in names:
+        base = BASE.get(name, "sgd")
+        if name not in trainers or base not in trainers:
+            out[name] = {"base": base, "error": errors.get(name) or errors.get(base)}
+            continue
+        r = ratio(times, name, base)
+        out[name] = {"base": base, "step_time_ratio": r["ratio"], "ratio_min": r["ratio_min"],
+                     "ratio_max": r["ratio_max"], "step_ms": r["step_ms"], "base_step_ms": r["reference_step_ms"],
+                     "step_cpu_ratio": r["cpu_ratio"], "reps": reps, "steps_per_rep": steps}
+    return out
+
+
 # ---------------------------------------------------------------------------------------------------- framework
 def measure_framework(setup: Setup, steps: int, reps: int, warmup: int, quiet: bool = False) -> dict[str, Any]:
     """metacore's Trainer (``static``, tracking off) against a hand-written loop; tracking on (a real MLflow SQLite
@@ -298,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="cifar10")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--controllers", help="comma-separated (default: every registered controller)")
+    parser.add_argument("--optimizers", help="comma-separated (default: every registered optimizer)")
     parser.add_argument("--steps", type=int, default=0, help="steps per timed repetition (default: the preset's "
                         "log interval, so every repetition holds one logging step)")
     parser.add_argument("--reps", type=int, default=15, help="interleaved repetitions (median ratio)")
@@ -306,7 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="hparam or task option")
-    parser.add_argument("--skip", default="", help="comma-separated sections to skip: controllers, framework")
+    parser.add_argument("--skip", default="", help="comma-separated sections to skip: controllers, framework, "
+                        "optimizers")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     parser.add_argument("--out", help="also write the JSON to this file")
     args = parser.parse_args(argv)
@@ -320,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     sets = dict(item.split("=", 1) for item in args.set)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    result: dict[str, Any] = {"controllers": {}, "framework": {}, "machine": machine(device)}
+    result: dict[str, Any] = {"controllers": {}, "optimizers": {}, "framework": {}, "machine": machine(device)}
     setup = Setup(args.task, args.preset, device, _data_dir(args.data_dir), sets)
     args.steps = args.steps or setup.preset.log_interval
     if "framework" not in skip:
@@ -334,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
                                       args.steps, args.reps, args.warmup, quiet=args.json)
         result["controllers"] = section.pop("results")
         result["controllers_setup"] = section
+    if "optimizers" not in skip:
+        _log(f"optimizers vs their base on {args.task} ({args.preset}), {args.reps} x {args.steps} steps", args.json)
+        result["optimizers"] = measure_optimizers(setup, [o for o in (args.optimizers or "").split(",") if o] or None,
+                                                  args.steps, args.reps, args.warmup, quiet=args.json)
     text = json.dumps(result, indent=None if args.json else 2)
     if args.out:
         Path(args.out).write_text(text + "\n")
@@ -352,6 +407,10 @@ def main(argv: list[str] | None = None) -> int:
                                      f"{r['static_step_ms']:.1f} ms; {r['controller_ms']:.2f} ms = "
                                      f"{100 * r['controller_share']:.2f}% in the controller)"
                                      if "step_time_ratio" in r else r["error"]))
+        for name, r in result["optimizers"].items():
+            print(f"{name:>24}: " + (f"step time x{r['step_time_ratio']:.3f} of {r['base']} "
+                                     f"({r['ratio_min']:.3f}-{r['ratio_max']:.3f}; {r['step_ms']:.1f} vs "
+                                     f"{r['base_step_ms']:.1f} ms)" if "step_time_ratio" in r else r["error"]))
     return 0
 
 

@@ -7,6 +7,7 @@ from metacore.core.controller import Controller, GradientObserver, StepContext
 from metacore.core.errors import MetacoreError
 from metacore.core.hookspecs import hookimpl, hookspec
 from metacore.core.hparams import HParamSpace, HParamSpec
+from metacore.core.optimizer import Optimizer
 from metacore.core.options import OptionSpec
 from metacore.core.registry import get_plugin_manager, load_registry
 from metacore.core.state import TrainingState
@@ -15,7 +16,7 @@ from metacore.core.task import Preset, Task, TaskContext, TaskData
 __version__ = "0.1.0"
 
 __all__ = [
-    "Controller", "GradientObserver", "HParamSpace", "HParamSpec", "MetacoreError", "OptionSpec", "Preset",
+    "Controller", "GradientObserver", "HParamSpace", "HParamSpec", "MetacoreError", "Optimizer", "OptionSpec", "Preset",
     "StepContext", "Task", "TaskContext", "TaskData", "TrainingState", "get_plugin_manager", "hookimpl", "hookspec",
     "load_registry", "__version__",
 ]

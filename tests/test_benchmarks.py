@@ -43,6 +43,9 @@ def test_overhead_json_reports_framework_and_every_controller(tmp_path):
     assert set(result["controllers"]) == expected
     assert all("step_time_ratio" in r for r in result["controllers"].values())
     assert "cli_startup" in result["framework"]
+    assert set(result["optimizers"]) == set(load_registry().optimizers)
+    assert all(r["step_time_ratio"] > 0 for r in result["optimizers"].values())
+    assert result["optimizers"]["prodigy"]["base"] == "adamw"
 
 
 def test_lr_robustness_summary_judges_against_the_best_of_the_search(tmp_path):
