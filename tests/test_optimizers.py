@@ -250,3 +250,97 @@ def test_cli_run_json_and_params_carry_the_optimizer(tmp_path):
         params = client.get_run(r["run_id"]).data.params
         assert params["optimizer"] == "prodigy" and params["optimizer.d0"] == "1e-05"
         assert "hparam/effective_lr" in client.get_run(r["run_id"]).data.metrics
+
+
+def test_bench_sweeps_optimizers_as_a_grid():
+    from metacore.analysis.bench import BenchRequest, plan_bench, parse_grid
+
+    req = BenchRequest(tasks=["digits"], controllers=["hypergrad"], seeds=1, preset="smoke",
+                       grid=parse_grid(["optimizer=default,prodigy", "lr=0.5,1.0"]))
+    units = plan_bench(req)
+    assert [(u.request.optimizer, u.request.sets) for u in units] == [
+        ("default", {"lr": "0.5"}), ("default", {"lr": "1.0"}), ("prodigy", {"lr": "0.5"}), ("prodigy", {"lr": "1.0"})]
+    assert "optimizer=prodigy" in units[2].label
+    with pytest.raises(UsageError, match="unknown optimizer 'nope'"):
+        plan_bench(BenchRequest(tasks=["digits"], controllers=["static"], grid={"optimizer": ["nope"]}))
+    with pytest.raises(UsageError, match="both in --grid and --optimizer"):
+        plan_bench(BenchRequest(tasks=["digits"], controllers=["static"], optimizer="sgd",
+                                grid={"optimizer": ["dog"]}))
+
+
+def test_compare_tells_optimizers_apart():
+    from metacore.analysis.compare import compare
+    from metacore.analysis.runs import MemoryRunSource
+    from metacore.core.tracking import MemoryTracker
+
+    tracker = MemoryTracker()
+    for optimizer, mae in (("default", 0.5), ("prodigy", 0.4), (None, 0.6)):  # None: a run from before plugins
+        params = {"preset": "smoke", "budget_steps": 10, "hparam.lr": 0.01}
+        if optimizer:
+            params["optimizer"] = optimizer
+        rid = tracker.start_run("e", "r", tags={"metacore.role": "controller", "metacore.controller": "static",
+                                                "metacore.task": "digits", "metacore.seed": str(int(mae * 10))},
+                                params=params)
+        tracker.log_metrics(rid, {"test/accuracy": mae}, 10)
+        tracker.end_run(rid, "FINISHED")
+    source = MemoryRunSource(tracker)
+    rows = compare(source, source.experiment_runs("e"), "e")["rows"]
+    assert sorted((r["condition"], r["n"]) for r in rows) == [("optimizer=default", 2), ("optimizer=prodigy", 1)]
+
+
+def test_cli_list_shows_optimizers_and_where_they_came_from(tmp_path):
+    res = run_cli("list", "optimizers", "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    rows = {r["name"]: r for r in json.loads(res.stdout)["optimizers"]}
+    assert set(rows) == set(BUILTINS)
+    assert rows["prodigy"]["plugin"] == "metacore.optimizers.plugin" and rows["prodigy"]["requires"] == "prodigyopt"
+    assert rows["prodigy"]["lr_free"] and rows["prodigy"]["hparams"]["lr"] == 1.0 and rows["prodigy"]["available"]
+
+
+THROTTLED = (  # the real CLI, each step slowed down so that the kill lands mid-run
+    "import sys, time\n"
+    "import metacore.core.trainer as t\n"
+    "step = t.Trainer._train_step\n"
+    "def slow(self):\n    time.sleep(0.02)\n    step(self)\n"
+    "t.Trainer._train_step = slow\n"
+    "from metacore.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+@pytest.mark.slow
+def test_cli_sigkill_then_resume_is_exact_with_mechanic(tmp_path):
+    """Mechanic's converted optimizer state through a real SIGKILL and ``--resume`` (hypergrad on top)."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    args = ["run", "--task", "digits", "--controller", "hypergrad", "--preset", "smoke", "--steps", "60",
+            "--checkpoint-interval", "10", "--optimizer", "mechanic-sgd", "--json"]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = run_cli(*args, cwd=tmp_path / "a")
+    assert straight.returncode == 0, straight.stderr
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-c", THROTTLED, *args], cwd=tmp_path / "b", env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ckpts = tmp_path / "b" / "mlflow_runs" / "checkpoints"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(ckpts.glob("*/step-*.pt")) if ckpts.exists() else []) < 2:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    client = MlflowClient(f"sqlite:///{tmp_path}/b/mlflow_runs/mlflow.db")
+    exp = client.get_experiment_by_name("digits")
+    parent = client.search_runs([exp.experiment_id], "tags.`metacore.role` = 'parent'")[0].info.run_id
+    resumed = run_cli("run", "--resume", parent, "--json", cwd=tmp_path / "b")
+    assert resumed.returncode == 0, resumed.stderr
+
+    def finals(res):
+        return [(r["role"], r["optimizer"], r["final"], r["hparams_final"]) for r in json.loads(res.stdout)["runs"]]
+
+    assert finals(resumed) == finals(straight)
