@@ -253,7 +253,7 @@ def test_cli_run_json_and_params_carry_the_optimizer(tmp_path):
 
 
 def test_bench_sweeps_optimizers_as_a_grid():
-    from metacore.analysis.bench import BenchRequest, plan_bench, parse_grid
+    from metacore.analysis.bench import BenchRequest, parse_grid, plan_bench
 
     req = BenchRequest(tasks=["digits"], controllers=["hypergrad"], seeds=1, preset="smoke",
                        grid=parse_grid(["optimizer=default,prodigy", "lr=0.5,1.0"]))
