@@ -297,17 +297,6 @@ def test_cli_list_shows_optimizers_and_where_they_came_from(tmp_path):
     assert rows["prodigy"]["lr_free"] and rows["prodigy"]["hparams"]["lr"] == 1.0 and rows["prodigy"]["available"]
 
 
-THROTTLED = (  # the real CLI, each step slowed down so that the kill lands mid-run
-    "import sys, time\n"
-    "import metacore.core.trainer as t\n"
-    "step = t.Trainer._train_step\n"
-    "def slow(self):\n    time.sleep(0.02)\n    step(self)\n"
-    "t.Trainer._train_step = slow\n"
-    "from metacore.cli import main\n"
-    "sys.exit(main(sys.argv[1:]))\n"
-)
-
-
 @pytest.mark.slow
 def test_cli_sigkill_then_resume_is_exact_with_mechanic(tmp_path):
     """Mechanic's converted optimizer state through a real SIGKILL and ``--resume`` (hypergrad on top)."""
@@ -317,6 +306,8 @@ def test_cli_sigkill_then_resume_is_exact_with_mechanic(tmp_path):
     import time
 
     from mlflow.tracking import MlflowClient
+
+    from tests.test_reliability import THROTTLED  # the real CLI, each step slowed down so the kill lands mid-run
 
     args = ["run", "--task", "digits", "--controller", "hypergrad", "--preset", "smoke", "--steps", "60",
             "--checkpoint-interval", "10", "--optimizer", "mechanic-sgd", "--json"]
