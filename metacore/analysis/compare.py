@@ -102,13 +102,14 @@ def condition_labels(groups: list[Group]) -> dict[tuple, str]:
 
 
 def _varies(key: str, dicts: list[dict[str, str]]) -> bool:
-    """Whether a condition key tells conditions apart; an optimizer's option only among runs of that optimizer."""
-    if not key.startswith("optimizer."):
+    """Whether a condition key tells conditions apart. Where conditions differ by optimizer, another key counts only
+    if it differs between conditions of the same optimizer (each optimizer brings its own hyperparameters and
+    options: they follow from the choice and would only clutter the label)."""
+    if key == "optimizer" or len({d.get("optimizer") for d in dicts}) == 1 and not key.startswith("optimizer."):
         return len({d.get(key) for d in dicts}) > 1
     by_optimizer: dict[str | None, set] = {}
     for d in dicts:
-        if key in d:
-            by_optimizer.setdefault(d.get("optimizer"), set()).add(d[key])
+        by_optimizer.setdefault(d.get("optimizer"), set()).add(d.get(key))
     return any(len(values) > 1 for values in by_optimizer.values())
 
 
