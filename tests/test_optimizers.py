@@ -335,3 +335,14 @@ def test_cli_sigkill_then_resume_is_exact_with_mechanic(tmp_path):
         return [(r["role"], r["optimizer"], r["final"], r["hparams_final"]) for r in json.loads(res.stdout)["runs"]]
 
     assert finals(resumed) == finals(straight)
+
+
+def test_the_builtin_sgd_reproduces_the_tasks_own_optimizer(tmp_path):
+    """``--optimizer sgd`` on digits (the seed's SGD) inherits the task's hyperparameters and trains identically."""
+    import torch
+
+    own, plugin = _trainer(_plan(None), tmp_path / "a"), _trainer(_plan("sgd"), tmp_path / "b")
+    assert plugin.hparams == own.hparams
+    assert own.run().final == plugin.run().final
+    for key, value in own.model.state_dict().items():
+        assert torch.equal(value, plugin.model.state_dict()[key]), key
