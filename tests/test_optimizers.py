@@ -346,3 +346,44 @@ def test_the_builtin_sgd_reproduces_the_tasks_own_optimizer(tmp_path):
     assert own.run().final == plugin.run().final
     for key, value in own.model.state_dict().items():
         assert torch.equal(value, plugin.model.state_dict()[key]), key
+
+
+def test_schedule_free_evaluates_at_the_average_and_leaves_training_untouched(tmp_path):
+    """On a model with BatchNorm: evaluation runs at Schedule-Free's averaged weights with BatchNorm statistics
+    recomputed there, and afterwards the training weights and statistics are exactly what they were."""
+    import torch
+    import torch.nn as nn
+
+    from metacore.plugins.digits import DigitsTask
+    from metacore.testing import make_registry
+
+    class DigitsBN(DigitsTask):
+        name = "digits-bn"
+
+        def build_model(self, data, ctx):
+            return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                                 nn.Linear(4 * 64, 10))
+
+    registry = make_registry(DigitsBN, builtins=True)
+    req = RunRequest(task="digits-bn", controller="static", baseline=None, preset="smoke", steps=SMOKE,
+                     optimizer="sf-sgd", device="cpu")
+    trainer = _trainer(plan_run(req, registry), tmp_path)
+    trainer.advance(15)
+    before = _weights(trainer)
+    seen = {}
+    inner = trainer.task.compute_metrics
+
+    def spy(outputs, targets, data):
+        seen["bn_mean"] = trainer.model[1].running_mean.clone()
+        seen["weight"] = trainer.model[0].weight.detach().clone()
+        return inner(outputs, targets, data)
+
+    trainer.task.compute_metrics = spy
+    trainer.evaluate("val")
+    assert not torch.equal(seen["weight"], before["0.weight"])  # evaluated at x, not at the training point y
+    assert not torch.equal(seen["bn_mean"], before["1.running_mean"])  # statistics recomputed at x
+    for key, value in _weights(trainer).items():
+        assert torch.equal(value, before[key]), key
+    dog = plan_run(RunRequest(task="digits-bn", controller="static", preset="smoke", optimizer="dog"), registry)
+    model = dog.task.build_model(None, None)
+    assert dog.optimizer.reps_rel(model) == 1e-4  # the authors' advice for BatchNorm models
