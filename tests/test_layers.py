@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "metacore.core")),
     ("engine", ("metacore.core.driver", "metacore.core.trainer", "metacore.core.guard", "metacore.core.rng",
                 "metacore.core.checkpoint", "metacore.core.flat", "metacore.core.progress")),
-    ("plugins", ("metacore.plugins", "metacore.controllers")),
+    ("plugins", ("metacore.plugins", "metacore.controllers", "metacore.optimizers")),
     ("store", ("metacore.core.tracking",)),
     ("analysis", ("metacore.analysis",)),
     ("application", ("metacore.app",)),

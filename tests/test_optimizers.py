@@ -7,11 +7,11 @@ import math
 
 import pytest
 
+from metacore.app.runner import RunRequest, plan_run
 from metacore.core.errors import UsageError
 from metacore.core.hookspecs import hookimpl
 from metacore.core.optimizer import Optimizer
 from metacore.core.registry import load_registry
-from metacore.core.runner import RunRequest, plan_run
 from tests.conftest import run_cli
 
 BUILTINS = sorted(load_registry(entry_points=False).optimizers)
@@ -253,7 +253,7 @@ def test_cli_run_json_and_params_carry_the_optimizer(tmp_path):
 
 
 def test_bench_sweeps_optimizers_as_a_grid():
-    from metacore.analysis.bench import BenchRequest, parse_grid, plan_bench
+    from metacore.app.bench import BenchRequest, parse_grid, plan_bench
 
     req = BenchRequest(tasks=["digits"], controllers=["hypergrad"], seeds=1, preset="smoke",
                        grid=parse_grid(["optimizer=default,prodigy", "lr=0.5,1.0"]))

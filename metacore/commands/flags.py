@@ -121,8 +121,8 @@ CPUS = Flag("--cpus-per-unit", "CPUs Ray reserves per unit, also its torch threa
             type=float, default=1.0)
 GPUS = Flag("--gpus-per-unit", "GPUs Ray reserves per unit (default %(default)s)", type=float, default=0.0)
 
-RUN = (TASK, CONTROLLER, OPTIMIZER, BASELINE, PRESET, STEPS, EPOCHS, SEED, SEEDS, SET, CONTROLLER_SET, DATA_DIR, TRACKING_URI,
-       EXPERIMENT, DEVICE, PRECISION, COMPILE, CHECKPOINT_INTERVAL, CHECKPOINT_DIR, RESUME,
+RUN = (TASK, CONTROLLER, OPTIMIZER, BASELINE, PRESET, STEPS, EPOCHS, SEED, SEEDS, SET, CONTROLLER_SET, DATA_DIR,
+       TRACKING_URI, EXPERIMENT, DEVICE, PRECISION, COMPILE, CHECKPOINT_INTERVAL, CHECKPOINT_DIR, RESUME,
        JSON.but(help="print one JSON summary on stdout and nothing else"))
 
 
