@@ -202,10 +202,11 @@ class Trainer:
     @contextlib.contextmanager
     def _blame_controller(self, at_start: bool = False):
         """An exception raised by (or a value refused from) the controller becomes :class:`ControllerFailed`,
-        naming the controller and the step, so the run can end FAILED with that message."""
+        naming the controller and the step, so the run can end FAILED with that message. Assertions pass through as
+        they are: they are a test's (the ``on_proposal`` hook of the contract tests), not the controller's result."""
         try:
             yield
-        except (ControllerFailed, KeyboardInterrupt):
+        except (ControllerFailed, KeyboardInterrupt, AssertionError):
             raise
         except Exception as exc:
             raise ControllerFailed(self.driver.name, self.step, exc, at_start=at_start) from exc
