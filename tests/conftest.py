@@ -67,3 +67,17 @@ def cli(tmp_path):
         return run_cli(*args, cwd=tmp_path, env=env, timeout=timeout)
 
     return _run
+
+
+def fake_distribution(site: Path, dist: str, module: str, source: str) -> None:
+    """An installed distribution with a ``metacore`` entry point, made by hand (no pip, no network)."""
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{dist.replace('-', '_')}-0.1.dist-info"  # the folder name carries the normalised name
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[metacore]\n{dist} = {module}\n")
+
+
+def with_path(*folders: Path) -> str:
+    """``PYTHONPATH`` with ``folders`` first, keeping the one this test session runs under (the code under test)."""
+    return os.pathsep.join([*map(str, folders), *filter(None, [os.environ.get("PYTHONPATH")])])

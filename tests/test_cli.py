@@ -49,11 +49,14 @@ BAD_INPUTS = [
     (["--task", "digits", "--controller", "static", "--set", "lr"], "--set expects KEY=VALUE"),
     (["--task", "digits", "--controller", "cosine", "--controller-set", "bogus=1"], "unknown option 'bogus'"),
     (["--task", "digits", "--controller", "cosine", "--controller-set", "min_factor=2"], "must lie in"),
+    (["--task", "digits", "--controller", "hypergrad", "--controller-set", "val_every=0"],
+     "option val_every for controller hypergrad must be at least 1, got '0'"),
     (["--task", "digits", "--controller", "static", "--preset", "huge"], "unknown preset 'huge'"),
     (["--task", "digits", "--controller", "static", "--steps", "0"], "--steps must be at least 1"),
     (["--task", "digits", "--controller", "static", "--steps", "ten"], "invalid int value"),
     (["--task", "digits", "--controller", "static", "--data-dir", "/no/such/dir"], "does not exist"),
     (["--task", "digits", "--controller", "static", "--device", "tpu"], "--device must be"),
+    (["--task", "digits", "--controller", "static", "--threads", "0"], "--threads must be at least 1"),
     (["--task", "digits"], "required"),
 ]
 

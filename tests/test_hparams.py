@@ -50,10 +50,12 @@ def test_sanitize_clips_floats_and_rejects_nonfinite():
 def test_sanitize_clamps_tensors_without_leaving_the_device():
     import torch
 
-    out = space().sanitize({"lr": torch.tensor(float("nan")), "momentum": torch.tensor(2.0)}, "x")
+    out = space().sanitize({"lr": torch.tensor(1e-9), "momentum": torch.tensor(2.0)}, "x")
     assert isinstance(out["lr"], torch.Tensor)
     assert out["lr"].item() == pytest.approx(1e-6)
     assert out["momentum"].item() == pytest.approx(0.999)
+    with pytest.raises(ControllerError, match="non-finite lr=nan"):  # refused like a NaN float
+        space().sanitize({"lr": torch.tensor(float("nan"))}, "x")
 
 
 def test_spec_rejects_inconsistent_declaration():

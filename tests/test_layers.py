@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("engine", ("metacore.core.driver", "metacore.core.trainer", "metacore.core.guard", "metacore.core.rng",
                 "metacore.core.checkpoint", "metacore.core.flat", "metacore.core.progress")),
     ("plugins", ("metacore.plugins", "metacore.controllers", "metacore.optimizers")),
-    ("store", ("metacore.core.tracking",)),
+    ("store", ("metacore.core.tracking", "metacore.core.store_link")),
     ("analysis", ("metacore.analysis",)),
     ("application", ("metacore.app",)),
     ("entry points", ("metacore.cli", "metacore.commands", "metacore.integrations", "metacore.testing",

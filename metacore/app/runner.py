@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from metacore.app.request import PRECISIONS, RunRequest
-from metacore.core.errors import CheckpointError, UsageError
+from metacore.core.errors import CheckpointError, TrackingError, UsageError
 from metacore.core.optimizer import DEFAULT as DEFAULT_OPTIMIZER
 from metacore.core.optimizer import check_build, controller_notes, optimizer_params, select_optimizer
 from metacore.core.registry import Registry, load_registry
@@ -167,12 +168,33 @@ class RunInterrupted(Exception):
         self.parent_run_id = parent_run_id
 
 
+class RunFailed(Exception):
+    """One or more child runs failed (the others ran to the end); ``summary`` is the full JSON summary.
+
+    ``bad_input`` is true when every failure was a refused value or declaration (a :class:`MetacoreError`, exit 2)
+    rather than a bug that raised inside a plugin (exit 1).
+    """
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        failed = [r for r in summary["runs"] if r.get("status") == "FAILED"]
+        super().__init__(summary.get("error", "a run failed"))
+        self.summary = summary
+        self.bad_input = all(r.get("error_kind") == "input" for r in failed)
+
+
+def resume_command(parent_id: str, tracking_uri: str) -> str:
+    return f"metacore run --resume {parent_id}" + (
+        f" --tracking-uri {tracking_uri}" if tracking_uri != default_tracking_uri() else "")
+
+
 def execute(plan: Plan, tracker: Tracker | None = None, progress: Any = None, *,
             should_stop: Callable[[], bool] | None = None, resume_parent: str | None = None) -> dict[str, Any]:
     """Run every (seed, role) of the plan; return the JSON summary of DESIGN §1.
 
     With ``resume_parent``, finished children are reported as they are and unfinished ones continue from their
-    newest intact checkpoint in the same MLflow runs.
+    newest intact checkpoint in the same MLflow runs. A child that fails (its controller raises, or proposes a value
+    that is refused) ends FAILED with the message and its checkpoints kept; the other children still run, and then
+    :class:`RunFailed` carries the summary.
     """
     req, task = plan.request, plan.task
     tracker = tracker or MlflowTracker(req.tracking_uri)
@@ -194,6 +216,7 @@ def execute(plan: Plan, tracker: Tracker | None = None, progress: Any = None, *,
     summary: dict[str, Any] = {"parent_run_id": parent_id, "task": task.name, "preset": plan.preset.name,
                                "experiment": experiment, "tracking_uri": tracker.uri, "runs": []}
     status = "FAILED"
+    lost_store: TrackingError | None = None
     try:
         for seed in range(req.seed, req.seed + req.seeds):
             for spec in plan.roles:
@@ -208,20 +231,35 @@ def execute(plan: Plan, tracker: Tracker | None = None, progress: Any = None, *,
                 summary["runs"].append(_run_one(plan, tracker, experiment, parent_id, ctx, data_cache[seed],
                                                 spec.role, spec.name, spec.controller(), spec.config, child,
                                                 ckpt_root, progress, should_stop))
-        status = "FINISHED"
+        failed = [r for r in summary["runs"] if r.get("status") == "FAILED"]
+        if failed:
+            summary["error"] = failed[0]["error"]
+            summary["resume"] = resume_command(parent_id, tracker.uri)
+        status = "FAILED" if failed else "FINISHED"
     except RunInterrupted:
         status = "KILLED"
         raise
+    except TrackingError as exc:
+        lost_store = exc
+        raise TrackingError(f"{exc}; training state and undelivered metrics are in the checkpoints under "
+                            f"{ckpt_root}; when the store answers again: {resume_command(parent_id, tracker.uri)}"
+                            ) from None
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
-        tracker.log_dict(parent_id, summary, "summary.json")
-        if status == "FINISHED":  # comparison plot PNG on the parent; a plotting failure never fails the run
-            from metacore.analysis.plots import log_comparison_plot
+        try:
+            tracker.log_dict(parent_id, summary, "summary.json")
+            if status == "FINISHED":  # comparison plot PNG on the parent; a plotting failure never fails the run
+                from metacore.analysis.plots import log_comparison_plot
 
-            log_comparison_plot(tracker, parent_id, summary, task)
-        tracker.end_run(parent_id, status)
+                log_comparison_plot(tracker, parent_id, summary, task)
+            tracker.end_run(parent_id, status)
+        except TrackingError:
+            if lost_store is None:
+                raise
+    if status == "FAILED":
+        raise RunFailed(summary)
     return summary
 
 
@@ -250,7 +288,7 @@ def _run_one(plan: Plan, tracker: Tracker, experiment: str, parent_id: str, ctx:
              role: str, name: str, controller: Any, config: dict[str, Any], child: dict[str, Any] | None,
              ckpt_root: Path, progress: Any, should_stop: Callable[[], bool]) -> dict[str, Any]:
     """One child run: start (or continue) it, train, record its result on the run itself."""
-    from metacore.core.checkpoint import load_latest
+    from metacore.core.checkpoint import list_checkpoints, load_latest
     from metacore.core.trainer import Trainer, TrainerConfig
 
     seed, task = ctx.seed, plan.task
@@ -268,7 +306,12 @@ def _run_one(plan: Plan, tracker: Tracker, experiment: str, parent_id: str, ctx:
     else:
         run_id = child["run_id"]
         ckpt_dir = Path(child["tags"].get("metacore.checkpoint_dir", ckpt_root / run_id))
-        path, payload = load_latest(ckpt_dir, map_location=ctx.device)
+        payload = None
+        if list_checkpoints(ckpt_dir):
+            path, payload = load_latest(ckpt_dir, map_location=ctx.device)
+        if child["tags"].get("metacore.error"):
+            print(f"metacore: {name} seed {seed} failed last time ({child['tags']['metacore.error']}); "
+                  f"continuing from {'step ' + str(payload['step']) if payload else 'the start'}", file=sys.stderr)
         tracker.reopen(run_id)
     interval = plan.request.checkpoint_interval
     cfg = TrainerConfig(budget=budget, log_interval=plan.preset.log_interval, eval_interval=plan.preset.eval_interval,
@@ -276,11 +319,17 @@ def _run_one(plan: Plan, tracker: Tracker, experiment: str, parent_id: str, ctx:
                         checkpoint_dir=ckpt_dir, precision=plan.request.precision, compile=plan.request.compile)
     on_log = progress.start(f"{name} seed {seed}", budget) if progress else None
     run_status = "FAILED"
+    trainer = None
     try:
         trainer = Trainer(task, controller, ctx, plan.hparams, cfg, data=data, tracker=tracker, run_id=run_id,
                           on_log=on_log, should_stop=should_stop)
         if payload is not None:
-            trainer.restore(payload, logged_until=tracker.last_logged_step(run_id))
+            logged = tracker.last_logged_step(run_id)
+            pending = [m for m in payload.get("undelivered", []) if m[3] > logged]
+            if pending:  # metrics the store did not take before the checkpoint: deliver them now
+                tracker.redeliver(run_id, pending)
+                logged = max(int(m[3]) for m in pending)
+            trainer.restore(payload, logged_until=logged)
             if on_log:
                 on_log(trainer.step)
         trainer.advance(budget - trainer.step)
@@ -290,9 +339,15 @@ def _run_one(plan: Plan, tracker: Tracker, experiment: str, parent_id: str, ctx:
             raise RunInterrupted(parent_id, tracker.uri)
         result = trainer.finish()
         run_status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RunInterrupted):
         run_status = "KILLED"
         raise
+    except TrackingError:  # the store, not this run: the command stops (execute says how to resume)
+        if trainer is not None and trainer.config.checkpoint_dir:
+            trainer.save_checkpoint()  # it holds what the store has not taken
+        raise
+    except Exception as exc:  # this child fails; the command goes on with the others
+        return _failed_entry(plan, tracker, run_id, name, role, seed, trainer, ckpt_dir, exc)
     finally:
         if progress:
             progress.stop()
@@ -303,10 +358,41 @@ def _run_one(plan: Plan, tracker: Tracker, experiment: str, parent_id: str, ctx:
              "optimizer_options": dict(plan.optimizer.config) if plan.optimizer else {}, "steps": result.steps,
              "wall_s": result.wall_s, "final": result.final, "best": result.best,
              "hparams_final": result.hparams_final, "diverged": result.diverged, "rollbacks": result.rollbacks,
-             "compute_ratio": result.compute_ratio}
-    tracker.set_tags(run_id, {"metacore.diverged": str(result.diverged).lower(),
-                              "metacore.result": json.dumps(entry)})
+             "compute_ratio": result.compute_ratio, "status": "FINISHED"}
+    tags = {"metacore.diverged": str(result.diverged).lower(), "metacore.result": json.dumps(entry)}
+    if child and child["tags"].get("metacore.error"):
+        tags["metacore.error"] = ""  # fixed and resumed: the run is no longer failed
+    tracker.set_tags(run_id, tags)
     tracker.end_run(run_id, "FINISHED")
+    return entry
+
+
+def _failed_entry(plan: Plan, tracker: Tracker, run_id: str, name: str, role: str, seed: int, trainer: Any,
+                  ckpt_dir: Path, exc: BaseException) -> dict[str, Any]:
+    """The summary entry of a child that failed, with what to fix and where its newest checkpoint is."""
+    from metacore.core.checkpoint import list_checkpoints
+    from metacore.core.errors import ControllerFailed, MetacoreError, first_line
+
+    if isinstance(exc, ControllerFailed):
+        message, bad_input = str(exc), exc.bad_input
+        culprit = f"controller {name!r} (plugin {plan.plugins.get(name, '?')!r})"
+    else:
+        bad_input = isinstance(exc, MetacoreError)
+        detail = str(exc) if bad_input else first_line(exc, with_type=True)
+        message = f"{role} run {name!r} seed {seed} failed: {detail}"
+        culprit = f"task {plan.task.name!r} (plugin {plan.plugins.get(plan.task.name, '?')!r})"
+    checkpoints = list_checkpoints(ckpt_dir)
+    entry = {"run_id": run_id, "controller": name, "role": role, "seed": seed,
+             "steps": trainer.step if trainer is not None else 0,
+             "wall_s": round(trainer.wall_s, 3) if trainer is not None else 0.0, "final": {}, "best": {},
+             "hparams_final": {}, "diverged": False, "rollbacks": trainer.rollbacks if trainer is not None else 0,
+             "compute_ratio": None,
+             "status": "FAILED", "error": message, "error_kind": "input" if bad_input else "plugin",
+             "fix": f"fix {culprit}, then resume", "checkpoint": str(checkpoints[-1]) if checkpoints else None}
+    try:
+        tracker.set_tags(run_id, {"metacore.error": message[:5000], "metacore.result": json.dumps(entry)})
+    except Exception:  # the store itself may be what failed; the summary still says it
+        pass
     return entry
 
 

@@ -57,7 +57,7 @@ def main(args: argparse.Namespace) -> int:
     if args.section and not re.fullmatch(r"[A-Za-z0-9_-]+", args.section):
         raise UsageError(f"--section takes letters, digits, '-' and '_', got {args.section!r}")
     registry = load_registry()
-    report_failures(registry.failures)
+    report_failures(registry)
     req = BenchRequest(
         tasks=_names(args.tasks) if args.tasks else [args.task], controllers=_names(args.controllers),
         baseline=None if args.baseline == "none" else args.baseline, seeds=args.seeds, seed=args.seed,

@@ -120,9 +120,11 @@ ADDRESS = Flag("--address", "Ray cluster to join (HOST:PORT of `ray start --head
 CPUS = Flag("--cpus-per-unit", "CPUs Ray reserves per unit, also its torch threads (default %(default)s)",
             type=float, default=1.0)
 GPUS = Flag("--gpus-per-unit", "GPUs Ray reserves per unit (default %(default)s)", type=float, default=0.0)
+THREADS = Flag("--threads", "torch CPU threads (default auto: the cores not already busy, at least 1; also "
+               "METACORE_THREADS)", metavar="N|auto")
 
 RUN = (TASK, CONTROLLER, OPTIMIZER, BASELINE, PRESET, STEPS, EPOCHS, SEED, SEEDS, SET, CONTROLLER_SET, DATA_DIR,
-       TRACKING_URI, EXPERIMENT, DEVICE, PRECISION, COMPILE, CHECKPOINT_INTERVAL, CHECKPOINT_DIR, RESUME,
+       TRACKING_URI, EXPERIMENT, DEVICE, PRECISION, COMPILE, CHECKPOINT_INTERVAL, CHECKPOINT_DIR, RESUME, THREADS,
        JSON.but(help="print one JSON summary on stdout and nothing else"))
 
 

@@ -22,7 +22,7 @@ def main(args: argparse.Namespace) -> int:
     from metacore.core.registry import load_registry
 
     registry = load_registry()
-    report_failures(registry.failures)
+    report_failures(registry)
     out: dict[str, Any] = {}
     if args.what in (None, "tasks"):
         out["tasks"] = []
@@ -43,6 +43,13 @@ def main(args: argparse.Namespace) -> int:
         from metacore.commands.common import optimizer_rows
 
         out["optimizers"] = optimizer_rows(registry)
+    conflicts = [{"kind": kind, "name": name, "plugins": plugins, "message": registry.conflict_message(kind, name)}
+                 for (kind, name), plugins in registry.conflicts.items() if args.what in (None, f"{kind}s")]
+    if conflicts:  # present only when there are some, so the usual shape stays as it was
+        out["conflicts"] = conflicts
+    if registry.failures:
+        out["failures"] = [{"plugin": p, "distribution": registry.distributions.get(p), "reason": r}
+                           for p, r in registry.failures.items()]
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -56,4 +63,8 @@ def main(args: argparse.Namespace) -> int:
                 extra = f"  (not installed: pip install {item['requires']})"
             print(f"  {item['name']:<16} {item['description']}")
             print(f"  {'':<16} from {item['plugin']} ({item['distribution'] or 'unknown distribution'}){extra}")
+    if conflicts:
+        print("conflicts (unusable until one of the plugins is uninstalled):")
+        for c in conflicts:
+            print(f"  {c['name']:<16} {c['kind']} registered by {', '.join(map(registry.source, c['plugins']))}")
     return 0

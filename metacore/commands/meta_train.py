@@ -47,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
     from metacore.core.errors import UsageError
     from metacore.core.registry import load_registry
 
-    report_failures(load_registry().failures)
+    report_failures(load_registry())
     if args.lr_spread < 1:
         raise UsageError(f"--lr-spread must be >= 1, got {args.lr_spread}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]

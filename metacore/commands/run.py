@@ -20,12 +20,14 @@ def add_parser(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from metacore.app.runner import RunInterrupted, execute, plan_resume, plan_run
+    from metacore.app.runner import RunFailed, RunInterrupted, execute, plan_resume, plan_run
     from metacore.core.errors import UsageError
     from metacore.core.registry import load_registry
+    from metacore.core.threads import apply_threads, resolve_threads
 
+    threads = resolve_threads(args.threads)
     registry = load_registry()
-    report_failures(registry.failures)
+    report_failures(registry)
     tracker = None
     if args.resume:
         from metacore.core.tracking import MlflowTracker
@@ -37,6 +39,7 @@ def main(args: argparse.Namespace) -> int:
         if missing:
             raise UsageError(f"metacore run: the following arguments are required: {', '.join(missing)}")
         plan = plan_run(_request(args, registry), registry)
+    apply_threads(threads)
     for note in plan.notes:
         print(f"metacore: {note}", file=sys.stderr)
     progress = None
@@ -50,13 +53,26 @@ def main(args: argparse.Namespace) -> int:
     except RunInterrupted as exc:
         print(f"metacore: {exc}", file=sys.stderr)
         return 130
+    except RunFailed as exc:  # the other runs finished; report them, then what failed and how to come back
+        _report(exc.summary, threads, args.json, plan.task.primary_metric)
+        for run in exc.summary["runs"]:
+            if run.get("status") == "FAILED":
+                kept = f"newest checkpoint kept: {run['checkpoint']}" if run["checkpoint"] else "no checkpoint yet"
+                print(f"metacore: error: {run['error']} ({kept}); {run['fix']}: {exc.summary['resume']}",
+                      file=sys.stderr)
+        return 2 if exc.bad_input else 1
     finally:
         stop.restore()
-    if args.json:
+    _report(summary, threads, args.json, plan.task.primary_metric)
+    return 0
+
+
+def _report(summary: dict[str, Any], threads: int, as_json: bool, primary: str) -> None:
+    summary["threads"] = threads
+    if as_json:
         print(json.dumps(summary))
     else:
-        print_summary(summary, plan.task.primary_metric)
-    return 0
+        print_summary(summary, primary)
 
 
 def _request(args: argparse.Namespace, registry: Any) -> Any:
@@ -108,6 +124,10 @@ def print_summary(summary: dict[str, Any], primary: str) -> None:
         table.add_column(col, no_wrap=True)
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     for r in summary["runs"]:
+        if r.get("status") == "FAILED":
+            table.add_row(r["role"], r["controller"], str(r["seed"]), str(r["steps"]), "FAILED", "-", "-", "-",
+                          f"{r['wall_s']:.1f}", "-")
+            continue
         lr = r["hparams_final"].get("lr")
         table.add_row(r["role"], r["controller"], str(r["seed"]), str(r["steps"]),
                       fmt(r["final"].get(f"val/{primary}")), fmt(r["best"].get(f"val/{primary}")),

@@ -93,3 +93,54 @@ def check_payload(payload: Any, source: str = "the checkpoint") -> None:
     if missing:
         raise CheckpointError(f"{source} lacks {', '.join(missing)}: it was not written by a metacore trainer this "
                               "version can continue; start the run afresh")
+_PLAIN = (bool, int, float, str, bytes, type(None))
+
+
+def _first_unsafe(obj: Any, path: str) -> str | None:
+    """The path of the first value ``torch.load(weights_only=True)`` would refuse, with its type; None if none."""
+    import torch
+
+    if isinstance(obj, (torch.Tensor, torch.Size, torch.dtype, torch.device)) or type(obj) in _PLAIN:
+        return None
+    if isinstance(obj, dict) and type(obj).__module__ in ("builtins", "collections"):
+        for key, value in obj.items():
+            if type(key) not in _PLAIN:
+                return f"{path} has a key of type {type(key).__name__}"
+            found = _first_unsafe(value, f"{path}[{key!r}]")
+            if found:
+                return found
+        return None
+    if type(obj) in (list, tuple):
+        for i, value in enumerate(obj):
+            found = _first_unsafe(value, f"{path}[{i}]")
+            if found:
+                return found
+        return None
+    return f"{path} is a {type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def check_checkpointable(state: Any) -> None:
+    """Refuse a state that a checkpoint could not hold (it would fail to load with ``weights_only=True``).
+
+    Called on a controller's first ``state_dict()`` when a run starts, so the mistake shows at once, not when the
+    end-of-run checkpoint is read back.
+    """
+    import io
+
+    import torch
+
+    found = _first_unsafe(state, "state_dict()")
+    if found is None:
+        try:
+            buffer = io.BytesIO()
+            torch.save(state, buffer)
+            buffer.seek(0)
+            torch.load(buffer, weights_only=True)
+        except Exception as exc:
+            found = f"state_dict() does not load back with weights_only=True ({type(exc).__name__})"
+    if found:
+        from metacore.core.errors import ControllerError
+
+        raise ControllerError(
+            f"{found}; a checkpoint holds only tensors and plain values (numbers, strings, bools, None, "
+            "lists, tuples, dicts), so convert it in state_dict() and back in load_state_dict()")

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 from metacore.core.controller import Controller, GradientObserver, StepContext
 from metacore.core.errors import ControllerError
-from metacore.core.hparams import HParamSpace
+from metacore.core.hparams import HParamSpace, check_deferred
 from metacore.core.state import TrainingState
 from metacore.core.values import floats, to_float
 
@@ -96,6 +96,7 @@ class ControllerDriver:
         self.val_history: list[float] = []
         self._hp_cache: dict[str, float] = {}
         self._step_ctx: StepContext | None = None
+        self._unchecked: list = []  # finiteness flags of device-tensor values, checked at the next read-back
 
     # ------------------------------------------------------------------------------------------------ a run
     def start(self, hparams: Mapping[str, Any], seed: int, budget: int, *, write: bool = True) -> None:
@@ -104,6 +105,9 @@ class ControllerDriver:
         if write:
             self.write(dict(self.hparams))
         self.controller.reset(dict(self.hparams), seed, self.space, budget)
+        from metacore.core.checkpoint import check_checkpointable
+
+        check_checkpointable(self.controller.state_dict())  # refused now, not when the last checkpoint loads
 
     def apply(self, values: Mapping[str, Any]) -> None:
         """Put values in force (already checked: a restored snapshot, the halved rate after a divergence)."""
@@ -137,7 +141,7 @@ class ControllerDriver:
         raw = self.controller.act(state)
         if self.on_proposal is not None:
             self.on_proposal(raw)
-        return self.space.sanitize(raw, self.name) if raw else {}
+        return self.space.sanitize(raw, self.name, self._unchecked) if raw else {}
 
     def after_optimizer_step(self) -> None:
         """The optimizer has stepped: a gradient observer sees the update it made."""
@@ -205,6 +209,7 @@ class ControllerDriver:
 
     def log_metrics(self) -> dict[str, float]:
         """``hparam/<name>`` and ``controller/<diagnostic>`` as floats (reads tensors back: call at log intervals)."""
+        check_deferred(self._unchecked, self.name)  # a non-finite device value is refused like a float
         metrics = {f"hparam/{k}": v for k, v in self.hparam_floats(refresh=True).items()}
         metrics.update({f"controller/{k}": to_float(v) for k, v in self.controller.diagnostics().items()})
         return metrics

@@ -38,3 +38,21 @@ def first_line(exc: BaseException, *, with_type: bool = False) -> str:
     if not with_type:
         return lines[0] if lines else type(exc).__name__
     return f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+class ControllerFailed(Exception):
+    """A controller raised (or proposed something refused) during a run, at ``step``.
+
+    Deliberately not a :class:`MetacoreError`: it wraps either a bug in the controller (any exception: exit 1) or a
+    refused value (``cause`` is a MetacoreError: exit 2); :attr:`bad_input` tells which.
+    """
+
+    def __init__(self, controller: str, step: int, cause: BaseException, *, at_start: bool = False) -> None:
+        text = str(cause).strip().splitlines()
+        detail = text[0] if text else ""
+        what = detail if isinstance(cause, MetacoreError) else f"{type(cause).__name__}: {detail}".rstrip(": ")
+        when = "was refused when the run started" if at_start else f"failed at step {step}"
+        super().__init__(f"controller {controller!r} {when}: {what}")
+        self.controller, self.step, self.cause = controller, step, cause
+
+    @property
+    def bad_input(self) -> bool:
+        return isinstance(self.cause, MetacoreError)

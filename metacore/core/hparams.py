@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Literal
 
 from metacore.core.errors import ControllerError, UsageError
-from metacore.core.options import parse_number
+from metacore.core.options import bounds_text, parse_number
 
 ActsOn = Literal["optimizer", "model", "data"]
 
@@ -53,7 +53,7 @@ class HParamSpec:
         what = f"{self.name}{' from ' + source if source else ''}"
         value = parse_number(raw, what, integer=self.integer)
         if not (self.low <= value <= self.high):
-            raise UsageError(f"{what} must lie in [{self.low:g}, {self.high:g}], got {raw!r}")
+            raise UsageError(f"{what} {bounds_text(self.low, self.high, 'g')}, got {raw!r}")
         return value
 
     def write(self, group: dict, value: Any) -> None:
@@ -112,11 +112,14 @@ class HParamSpace:
         values.update(self.validate(given))
         return values
 
-    def sanitize(self, changes: dict[str, Any], owner: str) -> dict[str, Any]:
-        """Controller output: unknown names and non-finite floats are errors, finite values are clipped into bounds.
+    def sanitize(self, changes: dict[str, Any], owner: str, deferred: list | None = None) -> dict[str, Any]:
+        """Controller output: unknown names and non-finite values are errors, finite values are clipped into bounds.
 
         Values may be 0-dim tensors (so a controller can keep a learning rate on the device between logging
-        intervals); those are clamped on the device, with NaN replaced by the lower bound, without a host sync.
+        intervals). A non-finite tensor is refused like a non-finite float. On the CPU it is checked at once; on an
+        accelerator, where a check would be a host sync per step, it is clamped on the device and, if ``deferred``
+        is a list, ``(name, finite_flag)`` is appended for the caller to check at its next sync
+        (:func:`check_deferred`); without ``deferred`` it is checked at once there too.
         """
         out: dict[str, Any] = {}
         for name, value in changes.items():
@@ -124,12 +127,38 @@ class HParamSpace:
                 raise ControllerError(f"controller {owner} changed unknown hyperparameter {name!r}")
             spec = self.specs[name]
             if hasattr(value, "clamp"):  # a torch tensor
-                out[name] = value.detach().nan_to_num(nan=spec.low, posinf=spec.high, neginf=spec.low).clamp(
+                value = value.detach()
+                if deferred is None or value.device.type == "cpu":
+                    if not bool(value.isfinite().all()):
+                        raise non_finite(owner, name, value)
+                else:
+                    deferred.append((name, value.isfinite().all(), value))
+                out[name] = value.nan_to_num(nan=spec.low, posinf=spec.high, neginf=spec.low).clamp(
                     spec.low, spec.high
                 )
                 continue
             value = float(value)
             if not math.isfinite(value):
-                raise ControllerError(f"controller {owner} proposed non-finite {name}={value}")
+                raise non_finite(owner, name, value)
             out[name] = spec.clip(value)
         return out
+
+
+def non_finite(owner: str, name: str, value: Any) -> ControllerError:
+    """The one message for a non-finite controller value, float or tensor alike."""
+    shown = float(value.float().reshape(-1)[0].item()) if hasattr(value, "reshape") else float(value)
+    return ControllerError(f"controller {owner} proposed non-finite {name}={shown}")
+
+
+def check_deferred(deferred: list, owner: str) -> None:
+    """Check the finiteness flags :meth:`HParamSpace.sanitize` deferred (one host sync for all), then clear them."""
+    if not deferred:
+        return
+    import torch
+
+    flags = torch.stack([flag for _, flag, _ in deferred]).cpu()
+    items = list(deferred)
+    deferred.clear()
+    for (name, _, value), ok in zip(items, flags.tolist(), strict=True):
+        if not ok:
+            raise non_finite(owner, name, value)

@@ -44,7 +44,7 @@ class OptionSpec:
         elif self.type in (int, float):
             value = parse_number(raw, f"option {self.name}{where}", integer=self.type is int)
             if self.low is not None and value < self.low or self.high is not None and value > self.high:
-                raise UsageError(f"option {self.name}{where} must lie in [{self.low}, {self.high}], got {raw!r}")
+                raise UsageError(f"option {self.name}{where} {bounds_text(self.low, self.high)}, got {raw!r}")
         else:
             value = str(raw)
         if self.choices is not None and value not in self.choices:
@@ -73,6 +73,22 @@ class OptionSet:
                 raise UsageError(f"unknown option {key!r} for {self.owner} (known: {known})")
             values[key] = self.specs[key].parse(raw, self.owner)
         return values
+
+
+def bounds_text(low: float | None, high: float | None, fmt: str = "") -> str:
+    """``must lie in [low, high]``, or ``must be at least low`` / ``at most high`` when one side is open."""
+    def show(v: float) -> str:
+        return format(v, fmt)
+
+    low = None if low is None or low == -math.inf else low
+    high = None if high is None or high == math.inf else high
+    if low is not None and high is not None:
+        return f"must lie in [{show(low)}, {show(high)}]"
+    if low is not None:
+        return f"must be at least {show(low)}"
+    if high is not None:
+        return f"must be at most {show(high)}"
+    return "must be a number"
 
 
 def parse_assignments(items: list[str] | None, flag: str) -> dict[str, str]:

@@ -1,8 +1,10 @@
 """Plugin manager and registry: built-ins and third-party entry points, registered the same way.
 
 A fresh plugin manager is built for every CLI or API call (:func:`get_plugin_manager`); nothing is registered at
-import time. A plugin that fails to import is reported by name (``Registry.failures``) and skipped, so one broken
-package does not take the CLI down. A name registered twice is an error naming both plugins.
+import time. A faulty plugin (it fails to import, misspells a hook, forgets ``@hookimpl``, its hook raises, or it
+registers a class whose declarations are broken) is reported once by name (``Registry.failures``) and skipped, so one
+broken package does not take the CLI down. A name registered by two plugins is a conflict (``Registry.conflicts``):
+an error naming both, raised only where that name is used.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pluggy
 
 from metacore.core import hookspecs
 from metacore.core.errors import RegistryError, UsageError, first_line
+from metacore.core.plugin_checks import CHECKS, hook_faults, qualname
 
 ENTRY_POINT_GROUP = "metacore"
 
@@ -55,6 +58,8 @@ class Registry:
     controllers: dict[str, Entry] = field(default_factory=dict)
     optimizers: dict[str, Entry] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)  # plugin name -> one-line reason
+    conflicts: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (kind, name) -> plugins
+    distributions: dict[str, str] = field(default_factory=dict)  # plugin name -> "dist version"
 
     def task(self, name: str) -> Entry:
         return self._get(self.tasks, "task", name)
@@ -65,11 +70,27 @@ class Registry:
     def optimizer(self, name: str) -> Entry:
         return self._get(self.optimizers, "optimizer", name)
 
-    @staticmethod
-    def _get(table: dict[str, Entry], kind: str, name: str) -> Entry:
+    def source(self, plugin: str) -> str:
+        """``'plugin' (dist version)``: how messages name a plugin."""
+        dist = self.distributions.get(plugin) or _builtin_dist(plugin)
+        return f"{plugin!r}" + (f" ({dist})" if dist else "")
+
+    def conflict_message(self, kind: str, name: str) -> str:
+        plugins = [self.source(p) for p in self.conflicts[(kind, name)]]
+        return (f"{kind} {name!r} is registered by both {' and '.join(plugins)}; uninstall one of them to use it "
+                "(metacore list shows the conflict)")
+
+    def _get(self, table: dict[str, Entry], kind: str, name: str) -> Entry:
+        if (kind, name) in self.conflicts:
+            raise RegistryError(self.conflict_message(kind, name))
         if name not in table:
             raise UsageError(f"unknown {kind} {name!r} (known: {', '.join(sorted(table)) or 'none'})")
         return table[name]
+
+    def fail(self, plugin: str, reason: str) -> None:
+        """Record one fault of a plugin; several faults of one plugin share its single report."""
+        previous = self.failures.get(plugin)
+        self.failures[plugin] = reason if not previous else f"{previous}; {reason}"
 
 
 class PluginManager(pluggy.PluginManager):
@@ -90,11 +111,11 @@ def get_plugin_manager(plugins: Iterable[Any] | None = None, *, entry_points: bo
             try:
                 module = importlib.import_module(plugin)
             except Exception as exc:  # a broken built-in is reported, not fatal
-                pm.failures[plugin] = first_line(exc, with_type=True)
+                pm.failures[plugin] = f"import failed: {first_line(exc, with_type=True)}"
                 continue
-            pm.register(module, name=plugin)
+            _register_plugin(pm, module, plugin)
         else:
-            pm.register(plugin, name=getattr(plugin, "__name__", None))
+            _register_plugin(pm, plugin, getattr(plugin, "__name__", None))
     if entry_points:
         _load_entry_points(pm)
     pm.check_pending()
@@ -105,21 +126,35 @@ def _load_entry_points(pm: PluginManager) -> None:
     for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
         if pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
             continue
-        try:
-            plugin = ep.load()
-        except Exception as exc:
-            pm.failures[ep.name] = first_line(exc, with_type=True)
-            continue
-        pm.register(plugin, name=ep.name)
         dist = getattr(ep, "dist", None)
         if dist is not None:
             pm.distributions[ep.name] = f"{dist.metadata['Name']} {dist.version}"
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            pm.failures[ep.name] = f"import of {ep.value!r} failed: {first_line(exc, with_type=True)}"
+            continue
+        _register_plugin(pm, plugin, ep.name)
+
+
+def _register_plugin(pm: PluginManager, plugin: Any, name: str | None) -> None:
+    """Register one plugin, or leave it out with the reason if metacore would not call its hooks."""
+    label = name or getattr(plugin, "__name__", None) or repr(plugin)
+    try:
+        pm.register(plugin, name=name)
+    except Exception as exc:  # pluggy's PluginValidationError: a hook with arguments its spec does not have
+        pm.failures[label] = first_line(exc, with_type=True)
+        return
+    fault = hook_faults(pm, plugin)
+    if fault:
+        pm.unregister(plugin)
+        pm.failures[label] = fault
 
 
 def build_registry(pm: PluginManager | None = None) -> Registry:
     """Call every plugin's registration hooks, one plugin at a time so a failure is attributed to its plugin."""
     pm = pm or get_plugin_manager()
-    registry = Registry(failures=dict(pm.failures))
+    registry = Registry(failures=dict(pm.failures), distributions=dict(pm.distributions))
     for kind, hook, table in (
         ("task", pm.hook.metacore_register_tasks, registry.tasks),
         ("controller", pm.hook.metacore_register_controllers, registry.controllers),
@@ -129,34 +164,44 @@ def build_registry(pm: PluginManager | None = None) -> Registry:
             plugin_name = impl.plugin_name
             dist = pm.distributions.get(plugin_name)
 
-            def register(obj: Any, name: str | None = None, *, _kind=kind, _table=table, _p=plugin_name, _d=dist):
-                _register(_table, _kind, obj, name, _p, _d)
+            def register(obj: Any, name: str | None = None, *, _kind=kind, _table=table, _p=plugin_name, _d=dist,
+                         _hook=hook.name):
+                fault = _register(registry, _table, _kind, obj, name, _p, _d)
+                if fault:
+                    registry.fail(_p, f"{_hook}: {fault}")
 
             try:
                 impl.function(register=register)
-            except RegistryError:
-                raise
             except Exception as exc:
-                registry.failures[plugin_name] = first_line(exc, with_type=True)
+                registry.fail(plugin_name, f"{hook.name} raised {first_line(exc, with_type=True)}")
     return registry
 
 
-def _register(table: dict[str, Entry], kind: str, obj: Any, name: str | None, plugin: str, dist: str | None) -> None:
+def _register(registry: Registry, table: dict[str, Entry], kind: str, obj: Any, name: str | None, plugin: str,
+              dist: str | None) -> str | None:
+    """Add one class to ``table``; the fault (a string) if it is left out. Two plugins, one name: a conflict."""
     from metacore.core.controller import Controller
     from metacore.core.optimizer import Optimizer
     from metacore.core.task import Task
 
-    base = {"task": Task, "controller": Controller, "optimizer": Optimizer}[kind]
-    if not (isinstance(obj, type) and issubclass(obj, base)):
-        raise RegistryError(
-            f"plugin {plugin!r} registered {obj!r} as a {kind}, but it is not a {base.__name__} subclass"
-        )
+    base = {"task": Task, "controller": Controller, "optimizer": Optimizer}.get(kind)
+    if base is not None and not (isinstance(obj, type) and issubclass(obj, base)):
+        return f"registered {obj!r} as a {kind}, but it is not a {base.__name__} subclass"
     name = name or getattr(obj, "name", None)
     if not name or not isinstance(name, str):
-        raise RegistryError(f"plugin {plugin!r} registered a {kind} without a name")
+        return f"registered {kind} {qualname(obj)} without a name"
+    check = CHECKS.get(kind)
+    fault = check(obj) if check else None
+    if fault:
+        return f"{kind} {name!r} ({qualname(obj)}): {fault}"
+    if (kind, name) in registry.conflicts:
+        registry.conflicts[(kind, name)].append(plugin)
+        return None
     if name in table:
-        raise RegistryError(f"{kind} {name!r} is registered by both {table[name].plugin!r} and {plugin!r}")
+        registry.conflicts[(kind, name)] = [table.pop(name).plugin, plugin]
+        return None
     table[name] = Entry(kind=kind, name=name, obj=obj, plugin=plugin, distribution=dist or _builtin_dist(plugin))
+    return None
 
 
 def _builtin_dist(plugin: str) -> str | None:

@@ -2,7 +2,9 @@
 
 Metrics are buffered per run and written with ``log_batch`` (at most 1000 per call), never one SQLite transaction
 per step. Runs are addressed by id through ``MlflowClient``, so there is no global "active run" to leak between the
-controller and baseline runs of one command.
+controller and baseline runs of one command. A busy or absent store is handled by :mod:`metacore.core.store_link`:
+training goes on, undelivered metrics stay buffered (and travel in checkpoints), writes a run needs retry, then stop
+with one clear message.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from metacore.core.errors import TrackingError, first_line
+from metacore.core.store_link import StoreLink, quick_http_failures
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow_runs/mlflow.db"
 FLUSH_EVERY = 500  # buffered metric values per run before a write
+RETRY_EVERY_S = 10.0  # while the store is away, how often a buffered flush tries again
 
 
 def default_tracking_uri() -> str:
@@ -58,6 +62,19 @@ class Tracker:
 
     def flush(self, run_id: str | None = None) -> None:
         pass
+
+    def undelivered(self, run_id: str) -> list[list]:
+        """Metric values logged but not yet in the store, as ``[key, value, timestamp_ms, step]`` (checkpoints keep
+        them so that ``--resume`` can deliver them)."""
+        return []
+
+    def redeliver(self, run_id: str, items: list) -> None:
+        """Log values that :meth:`undelivered` returned (from a checkpoint) with their original steps."""
+        by_step: dict[int, dict[str, float]] = {}
+        for key, value, _, step in items:
+            by_step.setdefault(int(step), {})[key] = float(value)
+        for step, metrics in sorted(by_step.items()):
+            self.log_metrics(run_id, metrics, step)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         raise NotImplementedError
@@ -152,6 +169,10 @@ class MlflowTracker(Tracker):
         # with a tracking server MLflow prints "View run ... at: URL" on stdout when a run ends, which would break
         # --json (one JSON object on stdout and nothing else)
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        self.link = StoreLink(self.uri)
+        self._last_try = 0.0
+        if self.link.remote:
+            quick_http_failures()
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # no "creating tables" chatter on stderr
         logging.getLogger("alembic").setLevel(logging.WARNING)
         try:
@@ -203,7 +224,7 @@ class MlflowTracker(Tracker):
             if exp is None:
                 location = (self._artifact_root / name).resolve().as_uri() if self._artifact_root else None
                 try:
-                    exp_id = _retry(self.client.create_experiment, name, artifact_location=location)
+                    exp_id = self.link.call(self.client.create_experiment, name, artifact_location=location)
                 except Exception:  # created meanwhile by a concurrent process
                     exp = self.client.get_experiment_by_name(name)
                     if exp is None:
@@ -219,7 +240,7 @@ class MlflowTracker(Tracker):
             all_tags = dict(tags or {})
             if parent_id:
                 all_tags["mlflow.parentRunId"] = parent_id
-            run = _retry(self.client.create_run, self._experiment_id(experiment), tags=all_tags, run_name=name)
+            run = self.link.call(self.client.create_run, self._experiment_id(experiment), tags=all_tags, run_name=name)
         except Exception as exc:
             raise TrackingError(f"cannot create a run in {self.uri}: {first_line(exc)}") from None
         run_id = run.info.run_id
@@ -233,12 +254,12 @@ class MlflowTracker(Tracker):
 
         items = [Param(k, _param_str(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            _retry(self.client.log_batch, run_id, params=items[i : i + 100])
+            self.link.call(self.client.log_batch, run_id, params=items[i : i + 100])
 
     def set_tags(self, run_id, tags) -> None:
         from mlflow.entities import RunTag
 
-        _retry(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self.link.call(self.client.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, run_id, metrics, step) -> None:
         from mlflow.entities import Metric
@@ -249,22 +270,39 @@ class MlflowTracker(Tracker):
         if len(buffer) >= FLUSH_EVERY:
             self.flush(run_id)
 
-    def flush(self, run_id=None) -> None:
+    def flush(self, run_id=None, wait: bool = False) -> None:
+        """Write buffered metrics. If the store is away they stay buffered (tried again at most every
+        ``RETRY_EVERY_S``) unless ``wait``: then retry until the link gives up (a TrackingError)."""
+        if not wait and self.link.down_since is not None and time.monotonic() - self._last_try < RETRY_EVERY_S:
+            return
+        self._last_try = time.monotonic()
         for rid in [run_id] if run_id else list(self._buffers):
             buffer = self._buffers.get(rid) or []
-            for i in range(0, len(buffer), 1000):
-                _retry(self.client.log_batch, rid, metrics=buffer[i : i + 1000])
-            self._buffers[rid] = []
+            while buffer:
+                chunk = buffer[:1000]
+                if wait:
+                    self.link.call(self.client.log_batch, rid, metrics=chunk)
+                elif not self.link.try_call(self.client.log_batch, rid, metrics=chunk):
+                    return
+                del buffer[: len(chunk)]
+
+    def undelivered(self, run_id):
+        return [[m.key, m.value, m.timestamp, m.step] for m in self._buffers.get(run_id) or []]
+
+    def redeliver(self, run_id, items):
+        from mlflow.entities import Metric
+
+        self._buffers.setdefault(run_id, []).extend(Metric(k, float(v), int(t), int(s)) for k, v, t, s in items)
 
     def log_dict(self, run_id, obj, filename) -> None:
-        _retry(self.client.log_dict, run_id, obj, filename)
+        self.link.call(self.client.log_dict, run_id, obj, filename)
 
     def log_artifact(self, run_id, path) -> None:
-        _retry(self.client.log_artifact, run_id, str(path))
+        self.link.call(self.client.log_artifact, run_id, str(path))
 
     def end_run(self, run_id, status="FINISHED") -> None:
-        self.flush(run_id)
-        _retry(self.client.set_terminated, run_id, status=status)
+        self.flush(run_id, wait=True)
+        self.link.call(self.client.set_terminated, run_id, status=status)
         self._buffers.pop(run_id, None)
 
     def get_run(self, run_id):
@@ -287,20 +325,7 @@ class MlflowTracker(Tracker):
         return max(steps, default=-1)
 
     def reopen(self, run_id):
-        _retry(self.client.update_run, run_id, status="RUNNING")
+        self.link.call(self.client.update_run, run_id, status="RUNNING")
         self._buffers.setdefault(run_id, [])
-
-
-def _retry(fn: Any, *args: Any, attempts: int = 8, **kwargs: Any) -> Any:
-    """Call ``fn``, retrying with backoff while SQLite reports a lock held by another writer."""
-    delay = 0.05
-    for attempt in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as exc:
-            if "locked" not in str(exc).lower() or attempt == attempts - 1:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 2.0)
 
 

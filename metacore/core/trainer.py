@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from metacore.core.controller import Controller
 from metacore.core.driver import ControllerDriver, param_group_writer
+from metacore.core.errors import ControllerFailed
 from metacore.core.guard import DivergenceGuard, clone_state
 from metacore.core.state import TrainingState
 from metacore.core.task import Task, TaskContext, TaskData
@@ -105,7 +106,8 @@ class Trainer:
             val_loss=self._val_loss, model=self.model, metric=self.task.primary_metric,
             direction=self.task.direction, on_proposal=self._on_proposal, keep=self._request_keep,
             go_back=self._request_go_back)
-        self.driver.start(self._initial_hparams, seed, self.config.budget)
+        with self._blame_controller(at_start=True):  # reset, and its first state_dict() checked
+            self.driver.start(self._initial_hparams, seed, self.config.budget)
         self._loss_sum = torch.zeros((), device=self.ctx.device)
         self._loss_n = 0
         self._interval_start = time.perf_counter()
@@ -177,10 +179,12 @@ class Trainer:
     def _train_step(self) -> None:
         opt = self.optimizer
         loss = self._backward(self._next_indices(self.hparams.get("batch_size", 32)))
-        self.driver.before_optimizer_step(self.step, epoch=self.epoch_float, budget=self.config.budget,
-                                          rollbacks=self.rollbacks, loss=loss.detach())
+        with self._blame_controller():
+            self.driver.before_optimizer_step(self.step, epoch=self.epoch_float, budget=self.config.budget,
+                                              rollbacks=self.rollbacks, loss=loss.detach())
         opt.step()
-        self.driver.after_optimizer_step()
+        with self._blame_controller():
+            self.driver.after_optimizer_step()
         if self._pending:
             self._keep_or_go_back()
         self._loss_sum += loss.detach()
@@ -194,6 +198,18 @@ class Trainer:
         ci = self.config.checkpoint_interval
         if ci and self.config.checkpoint_dir and self.step % ci == 0 and self.step < self.config.budget:
             self.save_checkpoint()
+
+    @contextlib.contextmanager
+    def _blame_controller(self, at_start: bool = False):
+        """An exception raised by (or a value refused from) the controller becomes :class:`ControllerFailed`,
+        naming the controller and the step, so the run can end FAILED with that message. Assertions pass through as
+        they are: they are a test's (the ``on_proposal`` hook of the contract tests), not the controller's result."""
+        try:
+            yield
+        except (ControllerFailed, KeyboardInterrupt, AssertionError):
+            raise
+        except Exception as exc:
+            raise ControllerFailed(self.driver.name, self.step, exc, at_start=at_start) from exc
 
     def _request_keep(self) -> None:
         self._pending = "keep"
@@ -278,7 +294,9 @@ class Trainer:
             self._rollback()
             return
         self.driver.record_loss(mean_loss)
-        self._log({"train/loss": mean_loss, "system/step_time_ms": step_ms, **self.driver.log_metrics(),
+        with self._blame_controller():  # diagnostics, and the deferred finiteness check of device values
+            controller_metrics = self.driver.log_metrics()
+        self._log({"train/loss": mean_loss, "system/step_time_ms": step_ms, **controller_metrics,
                    **self.task.optimizer_metrics(self.optimizer)})
         self._remember()
         if self.on_log:
@@ -361,6 +379,7 @@ class Trainer:
             "best": dict(self.best), "wall_s": self.wall_s, "last_val_step": self._last_val_step,
             "extra_passes": self.extra_passes, "kept": self._kept,
             "loss_sum": self._loss_sum.detach().cpu(), "loss_n": self._loss_n, "rng": capture_rng(),
+            "undelivered": self.tracker.undelivered(self.run_id) if self.tracker is not None and self.run_id else [],
         }
 
     def save_checkpoint(self) -> Path:

@@ -58,4 +58,6 @@ def make_registry(*plugins: Any, builtins: bool = False, entry_points: bool = Fa
     if registry.failures:
         name, reason = next(iter(registry.failures.items()))
         raise MetacoreError(f"plugin {name!r} failed: {reason}")
+    if registry.conflicts:
+        raise MetacoreError(registry.conflict_message(*next(iter(registry.conflicts))))
     return registry
