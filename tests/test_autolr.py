@@ -206,3 +206,14 @@ def test_the_peak_never_exceeds_the_rate_at_the_kept_minimum():
     assert ctl.stop_lr / 10 > ctl.kept_lr
     assert ctl.peak == pytest.approx(ctl.kept_lr)
     assert ctl.peak < 0.2
+
+
+def test_reaching_the_upper_bound_counts_as_a_rise():
+    space = HParamSpace([HParamSpec("lr", 1e-3, 1e-8, 1.0, log=True), HParamSpec("momentum", 0.9, 0.0, 0.999)])
+    ctl = AutoLRController()
+    ctl.reset({"lr": 1e-4, "momentum": 0.9}, 0, space, 400)
+    lr = 1e-4
+    for step in range(400):
+        ctl.observe_gradients(_ctx(step, 1.0 - 1e-3 * step))  # the loss never turns up
+        lr = ctl.act(_state(step, 400, lr)).get("lr", lr)
+    assert ctl.stop_lr == 1.0 and ctl.peak == pytest.approx(0.1)

@@ -8,7 +8,8 @@ fixed rate (docs/results.md). ``autolr`` treats the user's initial rate as a *hi
    costs no forward or backward pass beyond the run's own. The per-step loss is smoothed (bias-corrected EMA); the
    search stops when the smoothed loss rises ``rise`` above its minimum so far (or turns non-finite, or the rate
    reaches the task's upper bound). The peak rate is the rate at that moment divided by ``backoff`` (the loss
-   responds to a rate with a lag, so where it turns up is several times past the largest good rate), and never more
+   responds to a rate with a lag, so where it turns up is several times past the largest good rate; reaching the
+   task's upper bound counts as turning up), and never more
    than the rate in force when the kept weights were taken (where the smoothed loss was at its minimum).
 2. **Anneal**: from the peak, cosine decay to ``min_factor × peak`` at the end of the budget
    (``TrainingState.budget``): at a fixed budget a decayed rate beats a constant one.
@@ -154,14 +155,17 @@ class AutoLRController(Controller):
             out_of_room = self.lr >= spec.high
             too_long = state.step >= self.config["search_frac"] * max(1, state.budget)
             if risen or out_of_room or too_long:
+                # the task's upper bound counts as a rise: a rate the task declares too large is past the good ones
+                # (electricity's Adam reached lr=1 before its smoothed loss had turned up: test MAE 0.79)
+                past = risen or out_of_room
                 self.stop_lr = self.lr
-                peak = self.lr / self.config["backoff"] if risen else self.lr
-                if risen and self.kept_step >= 0:  # never above a rate the loss was still at its minimum with
+                peak = self.lr / self.config["backoff"] if past else self.lr
+                if past and self.kept_step >= 0:  # never above a rate the loss was still at its minimum with
                     peak = min(peak, self.kept_lr)
                 self.peak = spec.clip(peak)
                 self.phase, self.search_end = ANNEAL, state.step
                 self.ema_min = self._smoothed
-                if risen and self.kept_step >= 0:
+                if past and self.kept_step >= 0:
                     self._request = "go_back"  # undo what the steps past the minimum did to the weights
             else:
                 lr = self.lr
