@@ -103,9 +103,8 @@ class AutoLRController(Controller):
 
     # ------------------------------------------------------------------------------------------------ feedback
     def observe_gradients(self, ctx: StepContext) -> None:
-        loss = getattr(ctx, "loss", None)
-        if loss is not None and self.phase == SEARCH:
-            self._loss = float(loss.item()) if hasattr(loss, "item") else float(loss)
+        if ctx.loss is not None and self.phase == SEARCH:  # the one read-back, during the search only
+            self._loss = float(ctx.loss)
 
     def after_step(self, ctx: StepContext) -> None:
         request, self._request = self._request, None
@@ -149,9 +148,8 @@ class AutoLRController(Controller):
                 every = self.config["keep_every"]
                 if every and self.ema_min < before and state.step - self.kept_step >= every:
                     self._request, self.kept_step, self.kept_lr = "keep", state.step, self.lr
-            smoothed = self._smoothed
             risen = self.ema_n >= 10 and (not math.isfinite(self.ema)
-                                         or smoothed > (1 + self.config["rise"]) * self.ema_min)
+                                         or self._smoothed > (1 + self.config["rise"]) * self.ema_min)
             out_of_room = self.lr >= spec.high
             too_long = state.step >= self.config["search_frac"] * max(1, state.budget)
             if risen or out_of_room or too_long:
@@ -160,13 +158,12 @@ class AutoLRController(Controller):
                 past = risen or out_of_room
                 self.stop_lr = self.lr
                 peak = self.lr / self.config["backoff"] if past else self.lr
-                if past and self.kept_step >= 0:  # never above a rate the loss was still at its minimum with
-                    peak = min(peak, self.kept_lr)
+                if past and self.kept_step >= 0:
+                    peak = min(peak, self.kept_lr)  # never above a rate the loss was still at its minimum with
+                    self._request = "go_back"  # undo what the steps past the minimum did to the weights
                 self.peak = spec.clip(peak)
                 self.phase, self.search_end = ANNEAL, state.step
                 self.ema_min = self._smoothed
-                if past and self.kept_step >= 0:
-                    self._request = "go_back"  # undo what the steps past the minimum did to the weights
             else:
                 lr = self.lr
                 self.lr = spec.clip(self.lr * self.growth)
