@@ -24,10 +24,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                     "metacore.core")),
     ("engine", ("metacore.core.driver", "metacore.core.trainer", "metacore.core.guard", "metacore.core.rng",
                 "metacore.core.checkpoint", "metacore.core.flat", "metacore.core.progress")),
-    ("plugins", ("metacore.plugins", "metacore.controllers", "metacore.optimizers")),
+    ("plugins", ("metacore.plugins", "metacore.controllers", "metacore.controllers.ppo.residual",
+                 "metacore.optimizers")),
     ("store", ("metacore.core.tracking", "metacore.core.store_link")),
     ("analysis", ("metacore.analysis",)),
-    ("application", ("metacore.app",)),
+    ("application", ("metacore.app", "metacore.app.meta_checkpoint")),
     ("entry points", ("metacore.cli", "metacore.commands", "metacore.integrations", "metacore.testing",
                       "metacore.__main__", "metacore")),
 ]

@@ -6,7 +6,10 @@ built, before any run is written, and loaded when the run starts.
 
 Every ``interval`` steps (default: the budget divided by the policy's horizon, the decision rate it was trained at)
 the controller computes the task-agnostic features (:mod:`metacore.controllers.ppo.features`), asks the policy for an
-action in [-1, 1] per controlled hyperparameter and multiplies each by ``exp(action * max_log_step)``.
+action in [-1, 1] per controlled hyperparameter and multiplies each by ``exp(action * max_log_step)``. A residual
+policy (its JSON names a ``teacher``, e.g. ``autolr``) runs that controller inside itself every step and multiplies
+the teacher's values by ``exp(residual)`` instead, each action moving the residual
+(:mod:`metacore.controllers.ppo.residual`), exactly as in the environment it was meta-trained in.
 """
 
 from __future__ import annotations
@@ -40,6 +43,15 @@ class PPOController(Controller):
         from metacore.controllers.ppo.policy import read_spec
 
         self.policy_path, self.spec, _ = read_spec(self.config["policy"])  # a bad policy fails before any run
+        teacher = self.spec.get("teacher")
+        if teacher:
+            from metacore.controllers.ppo.residual import make_teacher
+
+            try:
+                make_teacher(teacher["name"], teacher.get("options"))  # unknown or bad: fails before any run too
+            except Exception as exc:
+                raise ControllerError(f"policy {self.policy_path}: its teacher cannot be built ({exc})") from None
+        self.residual = None
         self.policy = None
         self.tracker: FeatureTracker | None = None
         self.interval = 1
@@ -60,17 +72,28 @@ class PPOController(Controller):
         self.tracker = FeatureTracker(hparams["lr"], space["lr"].default)
         self._grad = None
         self._decisions = 0
+        teacher = self.policy.teacher
+        if teacher:
+            from metacore.controllers.ppo.residual import Residual
+
+            self.residual = Residual(teacher["name"], teacher.get("options"), self.policy.hparams)
+            self.residual.reset(hparams, seed, space, budget)
 
     # GradientObserver capability ------------------------------------------------------------------------------
     def observe_gradients(self, ctx: StepContext) -> None:
         if ctx.step % self.interval == 0:  # a decision step: close the interval before this step's gradient
             self._grad = self.tracker.grads.take()
         self.tracker.grads.observe(ctx.grads)
+        if self.residual is not None:
+            self.residual.observe_gradients(ctx)
 
     def after_step(self, ctx: StepContext) -> None:
-        pass
+        if self.residual is not None:
+            self.residual.after_step(ctx)
 
     def act(self, state: TrainingState) -> dict[str, Any]:
+        if self.residual is not None:
+            return self._act_residual(state)
         if state.step % self.interval != 0:
             return {}
         features = self.tracker.features(state, self._grad)
@@ -85,15 +108,40 @@ class PPOController(Controller):
                 self._last_factor = factor
         return changes
 
+    def _act_residual(self, state: TrainingState) -> dict[str, Any]:
+        """A decision step: the residual moves; every step: the teacher acts and the residual scales its values."""
+        if state.step % self.interval == 0:
+            from metacore.controllers.ppo.features import CLIP
+
+            features = self.tracker.features(state, self._grad)
+            features.append(max(-CLIP, min(CLIP, self.residual.feature("lr"))))
+            actions = self.policy.act(features)
+            self._decisions += 1
+            steps = {h: a * self.policy.max_log_step for h, a in zip(self.policy.hparams, actions, strict=True)}
+            self.residual.nudge(steps)
+            self._last_factor = math.exp(steps.get("lr", 0.0))
+        return self.residual.act(state)
+
+    def on_rollback(self, hparams: Mapping[str, float]) -> None:
+        if self.residual is not None:
+            self.residual.on_rollback(hparams)
+
     def diagnostics(self) -> dict[str, float]:
-        return {"lr_factor": self._last_factor, "decisions": float(self._decisions)}
+        out = {"lr_factor": self._last_factor, "decisions": float(self._decisions)}
+        if self.residual is not None:
+            out.update(self.residual.diagnostics())
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         out = dict(self.tracker.state_dict()) if self.tracker else {}
         out.update(decisions=self._decisions, last_factor=self._last_factor)
+        if self.residual is not None:
+            out["residual"] = self.residual.state_dict()
         return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if self.residual is not None and "residual" in state:
+            self.residual.load_state_dict(state["residual"])
         if self.tracker:
             self.tracker.load_state_dict(state)
         self._decisions = int(state.get("decisions", self._decisions))

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from metacore.controllers.ppo.features import FEATURES
+from metacore.controllers.ppo.residual import TEACHER_FEATURE
 from metacore.core.checkpoint import sha256_file
 from metacore.core.errors import MetacoreError
 
@@ -70,10 +71,15 @@ def read_spec(path: str | Path | None) -> tuple[Path, dict[str, Any], Path]:
              f"format version {spec.get('format_version')!r}, this metacore reads {FORMAT_VERSION}")
     obs, act, net = spec.get("observation"), spec.get("action"), spec.get("network")
     _require(all(isinstance(x, dict) for x in (obs, act, net)), json_path, "observation/action/network missing")
+    teacher = spec.get("teacher")
+    _require(teacher is None or (isinstance(teacher, dict) and isinstance(teacher.get("name"), str)
+                                 and isinstance(teacher.get("options", {}), dict)), json_path,
+             "teacher must be {\"name\": a controller, \"options\": {...}} or absent")
+    expected = observation_features(teacher is not None)
     feats = obs.get("features")
-    _require(feats == list(FEATURES), json_path,
-             f"expects observation features {feats}, this metacore computes {list(FEATURES)}")
-    n = len(FEATURES)
+    _require(feats == expected, json_path,
+             f"expects observation features {feats}, this metacore computes {expected}")
+    n = len(expected)
     for key in ("mean", "var"):
         vals = obs.get(key)
         _require(isinstance(vals, list) and len(vals) == n and all(_finite(v) for v in vals), json_path,
@@ -97,6 +103,11 @@ def read_spec(path: str | Path | None) -> tuple[Path, dict[str, Any], Path]:
     _require(sha256_file(weights) == spec.get("weights_sha256"), json_path,
              f"weights file {weights.name} does not match the checksum in the JSON (tampered or from another policy)")
     return json_path, spec, weights
+
+
+def observation_features(teacher: bool) -> list[str]:
+    """The observation a policy reads: the task-agnostic features, and its residual when it has a teacher."""
+    return list(FEATURES) + ([TEACHER_FEATURE] if teacher else [])
 
 
 def _finite(v: Any) -> bool:
@@ -136,6 +147,11 @@ class Policy:
         return float(self.spec["action"]["max_log_step"])
 
     @property
+    def teacher(self) -> dict[str, Any] | None:
+        """``{"name", "options"}`` of the rule the policy's actions correct (a residual policy), or None."""
+        return self.spec.get("teacher")
+
+    @property
     def horizon(self) -> int:
         return int(self.spec["decisions"]["horizon"])
 
@@ -163,7 +179,7 @@ def load_policy(path: str | Path | None = None) -> Policy:
         raise PolicyError(f"policy weights {weights} cannot be read as safetensors ({exc})") from None
     _require(meta.get("policy_id") == spec.get("policy_id"), json_path,
              "the weights file belongs to another policy (policy_id mismatch)")
-    n_obs, n_act = len(FEATURES), len(spec["action"]["hparams"])
+    n_obs, n_act = len(spec["observation"]["features"]), len(spec["action"]["hparams"])
     actor = build_actor(n_obs, n_act, spec["network"]["hidden"], spec["network"]["activation"])
     expected = {k: tuple(v.shape) for k, v in actor.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in tensors.items()}
