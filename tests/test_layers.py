@@ -28,7 +28,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                  "metacore.optimizers")),
     ("store", ("metacore.core.tracking", "metacore.core.store_link")),
     ("analysis", ("metacore.analysis",)),
-    ("application", ("metacore.app", "metacore.app.meta_checkpoint")),
+    ("application", ("metacore.app", "metacore.app.meta_checkpoint", "metacore.app.meta_request",
+                     "metacore.app.meta_callback", "metacore.app.meta_warm_start", "metacore.app.meta_state",
+                     "metacore.app.meta_policy_spec", "metacore.app.meta_eval", "metacore.app.meta_train")),
     ("entry points", ("metacore.cli", "metacore.commands", "metacore.integrations", "metacore.testing",
                       "metacore.__main__", "metacore")),
 ]
