@@ -23,8 +23,10 @@ from pathlib import Path
 SEARCH = ("static", "cosine")
 
 
-def collect(uri: str, experiments: list[str], task: str, metric: str, preset: str, seeds: set[int] | None):
-    """{method: {lr0: {seed: (value, compute_ratio, diverged)}}} from the finished training runs."""
+def collect(uri: str, experiments: list[str], task: str, metric: str, preset: str, seeds: set[int] | None,
+            controller: str = "", controller_from: list[str] | None = None):
+    """{method: {lr0: {seed: (value, compute_ratio, diverged)}}} from the finished training runs; the judged
+    ``controller``'s runs only from ``controller_from`` when given (an earlier version's runs stay out)."""
     from metacore.analysis.runs import MlflowRunSource
 
     source = MlflowRunSource(uri)
@@ -34,6 +36,8 @@ def collect(uri: str, experiments: list[str], task: str, metric: str, preset: st
             if run.status != "FINISHED" or not run.is_training or run.task != task:
                 continue
             if run.params.get("preset") != preset or (seeds is not None and run.seed not in seeds):
+                continue
+            if controller_from is not None and run.controller == controller and exp not in controller_from:
                 continue
             result = json.loads(run.tags.get("metacore.result", "{}"))
             value = result.get("final", {}).get(metric)
@@ -124,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experiments", required=True, help="comma-separated MLflow experiments to read")
     ap.add_argument("--metric", help="final metric (default: the task's primary test metric)")
     ap.add_argument("--controller", default="autolr", help="the adaptive controller to judge (default autolr)")
+    ap.add_argument("--controller-from", help="comma-separated experiments the judged controller's runs are read "
+                    "from (default: all of --experiments)")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--seeds", help="comma-separated seeds to keep (default: all)")
     ap.add_argument("--tracking-uri", default="sqlite:///mlflow_runs/mlflow.db")
@@ -137,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     direction = task.metrics.get(metric.split("/", 1)[-1], task.direction)
     seeds = {int(s) for s in args.seeds.split(",")} if args.seeds else None
     table = collect(args.tracking_uri, [e for e in args.experiments.split(",") if e], args.task, metric,
-                    args.preset, seeds)
+                    args.preset, seeds, args.controller,
+                    [e for e in args.controller_from.split(",") if e] if args.controller_from else None)
     if not table:
         print(f"no finished {args.task} runs at preset {args.preset} in {args.experiments}", file=sys.stderr)
         return 2

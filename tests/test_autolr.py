@@ -49,7 +49,7 @@ def _valley(best):
 
 
 def test_search_grows_stops_at_the_rise_and_backs_off():
-    ctl = AutoLRController()
+    ctl = AutoLRController(search_frac=0.3, window=0)
     lrs = _drive(ctl, 600, _valley(0.1))
     assert ctl.phase == "anneal"
     assert ctl.search_end < 0.3 * 600
@@ -68,7 +68,7 @@ def test_the_peak_does_not_depend_on_the_hint(lr0):
 
 
 def test_anneal_is_a_cosine_to_the_end_of_the_budget():
-    ctl = AutoLRController(guard_rise=0.0)
+    ctl = AutoLRController(guard_rise=0.0, decay_frac=1.0)
     lrs = _drive(ctl, 400, _valley(0.1))
     end = ctl.search_end
     assert lrs[end] == pytest.approx(ctl.peak, rel=1e-6)
@@ -204,8 +204,43 @@ def test_the_peak_never_exceeds_the_rate_at_the_kept_minimum():
 
     _drive(ctl, 600, late, lr0=1.0)
     assert ctl.stop_lr / 10 > ctl.kept_lr
-    assert ctl.peak == pytest.approx(ctl.kept_lr)
-    assert ctl.peak < 0.2
+    assert ctl.peak <= ctl.kept_lr and ctl.peak < 0.2
+    only_kept = AutoLRController(window=0)
+    _drive(only_kept, 600, late, lr0=1.0)
+    assert only_kept.peak == pytest.approx(only_kept.kept_lr)
+
+
+def _sharp(best):
+    """Loss falls slowly with the rate up to ``best``, then rises ten times as steeply (a range test's shape)."""
+    return lambda lr, step: 2.0 - 0.1 * math.log10(min(lr, best) / 1e-8) + 1.0 * max(0.0, math.log10(lr / best))
+
+
+def test_the_centred_minimum_is_not_past_the_loss_minimum():
+    """The stop comes several growth steps past the loss's minimum (the EMA lags); the centred average places the
+    minimum at most ``window`` growth steps below the true one (a boxcar on an asymmetric valley leans to the gentle
+    side), never above it, and it caps the peak."""
+    ctl = AutoLRController(backoff=1.0)  # only the kept rate and the centred minimum cap the peak
+    _drive(ctl, 600, _sharp(0.01), lr0=1e-6)
+    g = ctl.growth
+    assert ctl.stop_lr > 3 * 0.01
+    assert 0.01 / g ** 6 <= ctl.centered_lr <= 0.01 * g
+    assert ctl.peak == pytest.approx(ctl.centered_lr)
+    without = AutoLRController(backoff=1.0, window=0)
+    _drive(without, 600, _sharp(0.01), lr0=1e-6)
+    assert without.peak == pytest.approx(without.kept_lr) and without.peak > ctl.peak
+
+
+def test_the_peak_is_held_then_decayed_over_the_last_fraction():
+    ctl = AutoLRController(guard_rise=0.0, decay_frac=0.3)
+    budget = 1000
+    lrs = _drive(ctl, budget, _valley(0.1))
+    end = ctl.search_end
+    start_decay = end + int(0.7 * (budget - end)) + 1
+    assert all(lr == pytest.approx(ctl.peak) for lr in lrs[end:start_decay - 1])
+    mid = start_decay + int(0.15 * (budget - end))
+    assert lrs[mid] == pytest.approx(0.5 * ctl.peak, rel=0.05)
+    assert lrs[-1] < 1e-2 * ctl.peak
+    assert all(b <= a for a, b in zip(lrs[end:], lrs[end + 1:], strict=False))
 
 
 def test_reaching_the_upper_bound_counts_as_a_rise():

@@ -7,12 +7,15 @@ fixed rate (docs/results.md). ``autolr`` treats the user's initial rate as a *hi
    and grows geometrically every step, an LR range test run on the training trajectory itself (Smith 2017), so it
    costs no forward or backward pass beyond the run's own. The per-step loss is smoothed (bias-corrected EMA); the
    search stops when the smoothed loss rises ``rise`` above its minimum so far (or turns non-finite, or the rate
-   reaches the task's upper bound). The peak rate is the rate at that moment divided by ``backoff`` (the loss
-   responds to a rate with a lag, so where it turns up is several times past the largest good rate; reaching the
-   task's upper bound counts as turning up), and never more
-   than the rate in force when the kept weights were taken (where the smoothed loss was at its minimum).
-2. **Anneal**: from the peak, cosine decay to ``min_factor × peak`` at the end of the budget
-   (``TrainingState.budget``): at a fixed budget a decayed rate beats a constant one.
+   reaches the task's upper bound, which counts as a rise). The weights at the smoothed minimum are kept in memory
+   and restored. The peak rate is the smallest of: the rate at the stop divided by ``backoff``; the rate in force
+   when the kept weights were taken; and the rate at the minimum of the per-step losses averaged over ``window``
+   steps either side. The last one matters most: the EMA lags, and the rate grows every step, so its minimum falls
+   several times past the rate where the loss was lowest.
+2. **Anneal**: hold the peak, then a cosine decay to ``min_factor × peak`` over the last ``decay_frac`` of the steps
+   after the search, ending with the budget (``TrainingState.budget``) — a warmup-stable-decay shape (Hu et al. 2024;
+   Hägele et al. 2024). At a fixed budget a decayed rate beats a constant one, and holding the peak before the decay
+   beat a cosine over the whole remainder on cifar10 (docs/results.md).
 3. **Guard**: after the search, a smoothed loss that rises ``guard_rise`` above its minimum again halves the peak
    (once per ``guard_every`` steps); a trainer rollback halves it too.
 
@@ -45,14 +48,19 @@ class AutoLRController(Controller):
                                    1e-8, 1.0),
         "decades": OptionSpec("decades", 8.0, float, "decades of growth the search can cover in search_frac of "
                               "the budget (sets the growth per step)", 0.5, 12.0),
-        "search_frac": OptionSpec("search_frac", 0.3, float, "largest fraction of the budget the search may take",
+        "search_frac": OptionSpec("search_frac", 0.15, float, "largest fraction of the budget the search may take",
                                   0.01, 0.9),
         "rise": OptionSpec("rise", 0.2, float, "the search stops when the smoothed loss exceeds its minimum by "
                            "this fraction", 0.01, 10.0),
         "backoff": OptionSpec("backoff", 10.0, float, "the peak rate is the rate where the search stopped "
                               "divided by this", 1.0, 1e4),
+        "window": OptionSpec("window", 5, int, "the peak is also at most the rate at the minimum of the search's "
+                             "per-step losses averaged over this many steps either side (no lag; 0: off)", 0, None),
         "smoothing": OptionSpec("smoothing", 0.9, float, "EMA factor of the per-step loss", 0.0, 0.999),
         "min_factor": OptionSpec("min_factor", 0.0, float, "final rate as a fraction of the peak", 0.0, 1.0),
+        "decay_frac": OptionSpec("decay_frac", 0.3, float, "fraction of the steps after the search spent in the "
+                                 "cosine decay; before it the peak is held (1: decay from the end of the search)",
+                                 0.01, 1.0),
         "guard_rise": OptionSpec("guard_rise", 0.5, float, "after the search, a smoothed loss this fraction above "
                                  "its minimum halves the peak (0: off)", 0.0, None),
         "guard_every": OptionSpec("guard_every", 20, int, "steps between two guard cuts", 1, None),
@@ -82,6 +90,9 @@ class AutoLRController(Controller):
         self._last_logged = math.nan
         self._last_step = -1
         self._loss: float | None = None
+        self.curve_lr: list[float] = []  # during the search: the rate and the loss of each fed step
+        self.curve_loss: list[float] = []
+        self.centered_lr = 0.0
         self.kept_step = -1  # the step whose weights the trainer keeps for us
         self.kept_lr = 0.0
         self.went_back = 0
@@ -145,6 +156,9 @@ class AutoLRController(Controller):
             if value is not None:
                 before = self.ema_min
                 self._feed(*value)
+                if math.isfinite(value[0]):  # with the rate it was taken at (a logged mean: its middle step's)
+                    self.curve_lr.append(self.lr / self.growth ** (1 + (value[1] - 1) / 2))
+                    self.curve_loss.append(value[0])
                 every = self.config["keep_every"]
                 if every and self.ema_min < before and state.step - self.kept_step >= every:
                     self._request, self.kept_step, self.kept_lr = "keep", state.step, self.lr
@@ -161,6 +175,9 @@ class AutoLRController(Controller):
                 if past and self.kept_step >= 0:
                     peak = min(peak, self.kept_lr)  # never above a rate the loss was still at its minimum with
                     self._request = "go_back"  # undo what the steps past the minimum did to the weights
+                self.centered_lr = self._centered_minimum()
+                if past and self.centered_lr > 0:
+                    peak = min(peak, self.centered_lr)  # where the loss was lowest, without the EMA's lag
                 self.peak = spec.clip(peak)
                 self.phase, self.search_end = ANNEAL, state.step
                 self.ema_min = self._smoothed
@@ -177,9 +194,31 @@ class AutoLRController(Controller):
         self.lr = spec.clip(self._annealed(state.step, state.budget))
         return {self.lr_name: self.lr} if self.lr != state.hparams.get(self.lr_name) else {}
 
+    def _centered_minimum(self) -> float:
+        """The rate at the minimum of the search's losses averaged over ``window`` steps either side.
+
+        The EMA that decides when to stop lags by about ``1 / (1 - smoothing)`` steps, and the rate grows every step,
+        so the rate in force at the EMA's minimum (the kept copy) can be several times the rate where the loss was
+        lowest; a centred average has no lag. On a valley that rises more steeply than it fell it leans to the
+        gentle (lower-rate) side, by at most ``window`` growth steps. On cifar10 and electricity search curves
+        (docs/results.md) the EMA's minimum landed anywhere in a decade above the centred one."""
+        k, losses = self.config["window"], self.curve_loss
+        if k <= 0 or len(losses) < 2:
+            return 0.0
+        sums = [0.0]
+        for value in losses:
+            sums.append(sums[-1] + value)
+
+        def mean(i: int) -> float:
+            lo, hi = max(0, i - k), min(len(losses), i + k + 1)
+            return (sums[hi] - sums[lo]) / (hi - lo)
+
+        return self.curve_lr[min(range(len(losses)), key=mean)]
+
     def _annealed(self, step: int, budget: int) -> float:
         span = max(1, budget - self.search_end)
-        t = min(1.0, max(0.0, (step - self.search_end) / span))
+        hold = (1.0 - self.config["decay_frac"]) * span
+        t = min(1.0, max(0.0, (step - self.search_end - hold) / max(1.0, span - hold)))
         lo = self.config["min_factor"]
         return self.peak * (lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * t)))
 
@@ -195,6 +234,7 @@ class AutoLRController(Controller):
     def diagnostics(self) -> dict[str, float]:
         return {"autolr_peak": self.peak, "autolr_searching": float(self.phase == SEARCH),
                 "autolr_stop_lr": self.stop_lr, "autolr_cuts": float(self.cuts), "autolr_kept_lr": self.kept_lr,
+                "autolr_centered_lr": self.centered_lr,
                 "autolr_went_back": float(self.went_back)}
 
     def state_dict(self) -> dict[str, Any]:
@@ -202,7 +242,8 @@ class AutoLRController(Controller):
                 "search_end": self.search_end, "stop_lr": self.stop_lr, "ema": self.ema, "ema_n": self.ema_n,
                 "ema_min": self.ema_min, "smoothed": self._smoothed,
                 "last_cut": self.last_cut, "cuts": self.cuts, "kept_step": self.kept_step, "kept_lr": self.kept_lr,
-                "went_back": self.went_back, "request": self._request or "", "last_logged": self._last_logged,
+                "went_back": self.went_back, "curve_lr": list(self.curve_lr), "curve_loss": list(self.curve_loss),
+                "centered_lr": self.centered_lr, "request": self._request or "", "last_logged": self._last_logged,
                 "last_step": self._last_step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -216,6 +257,9 @@ class AutoLRController(Controller):
         self.last_cut, self.cuts = int(state["last_cut"]), int(state["cuts"])
         self.kept_step, self.kept_lr = int(state.get("kept_step", -1)), float(state.get("kept_lr", 0.0))
         self.went_back = int(state.get("went_back", 0))
+        self.curve_lr = [float(v) for v in state.get("curve_lr", [])]
+        self.curve_loss = [float(v) for v in state.get("curve_loss", [])]
+        self.centered_lr = float(state.get("centered_lr", 0.0))
         self._request = str(state.get("request", "")) or None
         self._last_logged = float(state.get("last_logged", math.nan))
         self._last_step = int(state.get("last_step", -1))
