@@ -27,9 +27,9 @@ def collect(uri: str, experiments: list[str], task: str, metric: str, preset: st
             controller: str = "", controller_from: list[str] | None = None):
     """{method: {lr0: {seed: (value, compute_ratio, diverged)}}} from the finished training runs; the judged
     ``controller``'s runs only from ``controller_from`` when given (an earlier version's runs stay out)."""
-    from metacore.analysis.runs import MlflowRunSource
+    from metacore.core.tracking import MlflowTracker
 
-    source = MlflowRunSource(uri)
+    source = MlflowTracker(uri, create=False)
     table: dict[str, dict[float, dict[int, tuple]]] = defaultdict(lambda: defaultdict(dict))
     for exp in experiments:
         for run in source.experiment_runs(exp):

@@ -314,7 +314,7 @@ def measure_framework(setup: Setup, steps: int, reps: int, warmup: int, quiet: b
             advance(warmup)
         times = interleave(runners, steps, reps, setup.device, quiet)
         tracker.end_run(run_id)
-        logged = len(tracker.client.get_metric_history(run_id, "train/loss"))
+        logged = len(tracker.history(run_id, "train/loss"))
     plain, tracked = ratio(times, "metacore", "plain"), ratio(times, "metacore+mlflow", "metacore")
     return {
         "metacore_vs_plain_loop": {"step_time_ratio": plain["ratio"], **plain,
@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON to this file")
     args = parser.parse_args(argv)
 
-    from metacore.app.runner import resolve_device
+    from metacore.app.plan import resolve_device
 
     device = resolve_device(args.device)
     if args.threads:

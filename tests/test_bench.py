@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from metacore.app.bench import BenchRequest, NestedTracker, parse_grid, plan_bench
+from metacore.app.bench import BenchRequest, parse_grid, plan_bench
 from metacore.core.errors import UsageError
 from metacore.core.tracking import MemoryTracker
 
@@ -51,7 +51,7 @@ def test_plan_rejects_bad_input_before_anything_runs(change, message):
 def test_nested_tracker_puts_top_level_runs_below_the_bench():
     inner = MemoryTracker()
     bench = inner.start_run("digits", "bench")
-    nested = NestedTracker(inner, bench, {"metacore.bench": bench})
+    nested = inner.nested(bench, {"metacore.bench": bench})
     parent = nested.start_run("digits", "run", tags={"metacore.role": "parent"})
     child = nested.start_run("digits", "child", parent_id=parent)
     assert inner.runs[parent]["parent_id"] == bench and inner.runs[child]["parent_id"] == parent
@@ -88,9 +88,9 @@ def test_cli_bench_two_workers_lose_no_metric(cli, tmp_path):
     assert "| lr=0.01 | cosine | controller | 1 |" in text and "| lr=0.05 | static | baseline | 1 |" in text
     assert all((tmp_path / p).read_bytes()[:4] == b"\x89PNG" for p in result["plots"])
     from metacore.analysis.compare import compare
-    from metacore.analysis.runs import MlflowRunSource
+    from metacore.core.tracking import MlflowTracker
 
-    source = MlflowRunSource(f"sqlite:///{db}")
+    source = MlflowTracker(f"sqlite:///{db}", create=False)
     experiment, logged = source.runs_under(bench)
     rows = compare(source, logged, experiment)["rows"]
     assert len(rows) == 4 and all(r["delta_vs_baseline"] for r in rows if r["role"] == "controller")

@@ -10,7 +10,6 @@ import pytest
 from metacore.analysis.compare import compare
 from metacore.analysis.plots import Cell, Series, hparam_keys, log_comparison_plot, plot_cells
 from metacore.analysis.report import BEGIN, END, build_report, markers, write_report
-from metacore.analysis.runs import MemoryRunSource
 from metacore.core.tracking import MemoryTracker
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -50,9 +49,8 @@ def _experiment(tracker, ctrl=(0.90, 0.85, 0.95), base=(0.80, 0.86, 0.70)):
 
 
 def _compare(tracker, experiment="digits", **kw):
-    source = MemoryRunSource(tracker)
-    runs = source.experiment_runs(experiment)
-    return source, runs, compare(source, runs, experiment, **kw)
+    runs = tracker.experiment_runs(experiment)
+    return tracker, runs, compare(tracker, runs, experiment, **kw)
 
 
 def _row(result, controller, role=None):

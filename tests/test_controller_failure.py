@@ -7,7 +7,8 @@ import math
 import pytest
 
 from metacore import Controller
-from metacore.app.runner import RunFailed, RunRequest, execute, plan_resume, plan_run
+from metacore.app.plan import plan_resume
+from metacore.app.runner import RunFailed, RunRequest, execute, plan_run
 from metacore.testing import TinyTask, make_registry
 from tests.conftest import fake_distribution, with_path
 

@@ -65,7 +65,8 @@ def test_channels_last_resnet_computes_the_same_function():
 
 
 def test_fused_sgd_takes_the_hypergradient_rate_as_a_tensor():
-    from metacore.controllers.hypergrad import HypergradController, _takes_tensor_lr
+    from metacore.controllers.hypergrad import HypergradController
+    from metacore.controllers.hypergrad_optimizers import takes_tensor_lr as _takes_tensor_lr
 
     p = torch.nn.Parameter(torch.zeros(2))
     assert _takes_tensor_lr(torch.optim.SGD([p], lr=0.1, fused=True))

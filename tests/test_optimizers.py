@@ -271,7 +271,6 @@ def test_bench_sweeps_optimizers_as_a_grid():
 
 def test_compare_tells_optimizers_apart():
     from metacore.analysis.compare import compare
-    from metacore.analysis.runs import MemoryRunSource
     from metacore.core.tracking import MemoryTracker
 
     tracker = MemoryTracker()
@@ -284,8 +283,7 @@ def test_compare_tells_optimizers_apart():
                                 params=params)
         tracker.log_metrics(rid, {"test/accuracy": mae}, 10)
         tracker.end_run(rid, "FINISHED")
-    source = MemoryRunSource(tracker)
-    rows = compare(source, source.experiment_runs("e"), "e")["rows"]
+    rows = compare(tracker, tracker.experiment_runs("e"), "e")["rows"]
     assert sorted((r["condition"], r["n"]) for r in rows) == [("optimizer=default", 2), ("optimizer=prodigy", 1)]
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from metacore.analysis.runs import RunRecord, RunSource
 from metacore.analysis.stats import paired_delta, summarize
+from metacore.core.store import RunRecord, Tracker
 
 LOWER_IS_BETTER = ("loss", "mae", "rmse", "mse", "error", "perplexity")
 
@@ -131,8 +131,8 @@ def _short(value: str | None) -> str:
         return value
 
 
-def _best(source: RunSource, run: RunRecord, key: str, direction: str) -> float | None:
-    values = [v for _, v in source.history(run.run_id, key)]
+def _best(store: Tracker, run: RunRecord, key: str, direction: str) -> float | None:
+    values = [v for _, v in store.history(run.run_id, key)]
     if not values or run.diverged:
         return None
     return max(values) if direction == "max" else min(values)
@@ -142,7 +142,7 @@ def _value(run: RunRecord, key: str) -> float | None:
     return None if run.diverged else run.metrics.get(key)
 
 
-def compare(source: RunSource, runs: list[RunRecord], experiment: str, *, split: str = "test",
+def compare(store: Tracker, runs: list[RunRecord], experiment: str, *, split: str = "test",
             metric: str | None = None) -> dict[str, Any]:
     """The comparison of ``metacore compare --json``: one row per (task, condition, controller, role)."""
     groups, skipped = group_runs(runs)
@@ -155,7 +155,7 @@ def compare(source: RunSource, runs: list[RunRecord], experiment: str, *, split:
         key = f"{split}/{info.primary_metric}"
         finals = [_value(r, key) for r in g.runs]
         stat = summarize(finals)
-        best = summarize([_best(source, r, f"val/{info.primary_metric}", info.direction) for r in g.runs])
+        best = summarize([_best(store, r, f"val/{info.primary_metric}", info.direction) for r in g.runs])
         row: dict[str, Any] = {
             "task": g.task, "controller": g.controller, "role": g.role, "condition": labels[g.config],
             "config": _condition_dict(g.config), "metric": key, "direction": info.direction,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from metacore.analysis.runs import History, RunRecord, RunSource, source_for_tracker
+from metacore.core.store import History, RunRecord, Tracker
 
 MAX_HPARAM_ROWS = 3
 MAX_COLUMNS = 8
@@ -43,12 +43,12 @@ def series_label(run: RunRecord) -> str:
     return f"{run.controller} (baseline)" if run.role == "baseline" else run.controller
 
 
-def load_series(source: RunSource, runs: list[RunRecord], metric_key: str) -> list[Series]:
+def load_series(store: Tracker, runs: list[RunRecord], metric_key: str) -> list[Series]:
     """Histories of the metric and of every ``hparam/*`` key for each run."""
     out = []
     for r in runs:
-        keys = [metric_key] + sorted(k for k in source.metric_keys(r.run_id) if k.startswith("hparam/"))
-        out.append(Series(series_label(r), r.seed, {k: source.history(r.run_id, k) for k in keys}))
+        keys = [metric_key] + sorted(k for k in store.metric_keys(r.run_id) if k.startswith("hparam/"))
+        out.append(Series(series_label(r), r.seed, {k: store.history(r.run_id, k) for k in keys}))
     return out
 
 
@@ -127,14 +127,14 @@ def plot_cells(cells: list[Cell], path: str | Path, title: str | None = None) ->
     return path
 
 
-def summary_cell(source: RunSource, summary: dict[str, Any], metric_key: str) -> Cell:
+def summary_cell(store: Tracker, summary: dict[str, Any], metric_key: str) -> Cell:
     """The one cell of a ``metacore run``: its controller and baseline runs over seeds."""
-    runs = [source.get(item["run_id"]) for item in summary.get("runs", [])]
+    runs = [store.get(item["run_id"]) for item in summary.get("runs", [])]
     return Cell(f"{summary.get('task', '')} ({summary.get('preset', '')})", metric_key,
-                load_series(source, runs, metric_key))
+                load_series(store, runs, metric_key))
 
 
-def log_comparison_plot(tracker: Any, parent_run_id: str, summary: dict[str, Any], task: Any = None) -> str | None:
+def log_comparison_plot(tracker: Tracker, parent_run_id: str, summary: dict[str, Any], task: Any = None) -> str | None:
     """Draw the runs of ``summary`` (a ``metacore run`` summary) and log the PNG on the parent run.
 
     Called by the runner just before the parent run ends. A plot is a convenience: any failure here is reported
@@ -143,17 +143,16 @@ def log_comparison_plot(tracker: Any, parent_run_id: str, summary: dict[str, Any
     try:
         if not summary.get("runs"):
             return None
-        source = source_for_tracker(tracker)
-        if source is None:
-            return None
         primary = getattr(task, "primary_metric", None) or "accuracy"
-        cell = summary_cell(source, summary, f"val/{primary}")
+        cell = summary_cell(tracker, summary, f"val/{primary}")
         with tempfile.TemporaryDirectory(prefix="metacore-plot-") as tmp:
             path = plot_cells([cell], Path(tmp) / PLOT_NAME,
                               title=f"{summary.get('task', '')}: val/{primary} and hyperparameters "
                                     "(mean over seeds; band: lowest to highest seed)")
             tracker.log_artifact(parent_run_id, path)
         return PLOT_NAME
+    except NotImplementedError:  # a tracker that cannot read runs back: nothing to draw from
+        return None
     except Exception as exc:  # never fail a finished training run over a picture
         print(f"metacore: warning: comparison plot not logged ({type(exc).__name__}: {exc})", file=sys.stderr)
         return None

@@ -14,13 +14,13 @@ from typing import Any
 
 from metacore.analysis.compare import condition_labels, group_runs
 from metacore.analysis.plots import Cell, load_series, plot_cells
-from metacore.analysis.runs import RunRecord, RunSource
+from metacore.core.store import RunRecord, Tracker
 
 BEGIN = "<!-- metacore-bench:begin -->"
 END = "<!-- metacore-bench:end -->"
 
 
-def comparison_cells(source: RunSource, runs: list[RunRecord], result: dict[str, Any],
+def comparison_cells(store: Tracker, runs: list[RunRecord], result: dict[str, Any],
                      task: str | None = None) -> list[Cell]:
     """One plot cell per (task, condition) of the comparison ``result``, with the runs its rows were computed on."""
     groups, _ = group_runs(runs)
@@ -34,7 +34,7 @@ def comparison_cells(source: RunSource, runs: list[RunRecord], result: dict[str,
         if key not in cells:
             label = labels[g.config]
             cells[key] = Cell(g.task if label == "default" else f"{g.task}: {label}", metric_of[g.task])
-        cells[key].series.extend(load_series(source, g.runs, metric_of[g.task]))
+        cells[key].series.extend(load_series(store, g.runs, metric_of[g.task]))
     return list(cells.values())
 
 
@@ -112,7 +112,7 @@ def write_report(path: str | Path, body: str, section: str | None = None) -> Pat
     return path
 
 
-def build_report(source: RunSource, runs: list[RunRecord], result: dict[str, Any], report_path: str | Path,
+def build_report(store: Tracker, runs: list[RunRecord], result: dict[str, Any], report_path: str | Path,
                  plot_dir: str | Path | None = None, *, heading: str = "metacore bench", command: str | None = None,
                  meta: dict[str, Any] | None = None, prefix: str = "bench",
                  section: str | None = None) -> tuple[Path, list[Path]]:
@@ -121,7 +121,7 @@ def build_report(source: RunSource, runs: list[RunRecord], result: dict[str, Any
     plot_dir = Path(plot_dir) if plot_dir else report_path.parent / "img"
     plots, paths = {}, []
     for task in sorted({r["task"] for r in result["rows"]}):
-        cells = comparison_cells(source, runs, result, task)
+        cells = comparison_cells(store, runs, result, task)
         if not cells:
             continue
         png = plot_cells(cells, plot_dir / f"{prefix}-{task}.png",

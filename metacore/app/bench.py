@@ -1,6 +1,6 @@
 """``metacore bench``: a grid of (task, initial hyperparameters, controller, seed) runs, then a report.
 
-Every grid point runs through the same code path as ``metacore run`` (``runner.plan_run`` then ``runner.execute``),
+Every grid point runs through the same code path as ``metacore run`` (``plan.plan_run`` then ``runner.execute``),
 in a local process pool. One MLflow parent run stands for the whole bench; each ``execute`` makes its own parent
 below it (so a grid point looks in MLflow exactly like a ``metacore run``), tagged ``metacore.bench``.
 
@@ -66,21 +66,6 @@ class Unit:
                f"seed {self.request.seed}"
 
 
-class NestedTracker:
-    """Wraps a tracker so that every top-level run it starts is a child of the bench parent, tagged with it."""
-
-    def __init__(self, inner: Any, parent_id: str, tags: dict[str, str]) -> None:
-        self.inner, self.parent_id, self.tags = inner, parent_id, tags
-
-    def start_run(self, experiment: str, name: str, *, parent_id: str | None = None, tags: Any = None,
-                  params: Any = None) -> str:
-        return self.inner.start_run(experiment, name, parent_id=parent_id or self.parent_id,
-                                    tags={**self.tags, **(tags or {})}, params=params)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
-
-
 def parse_grid(items: list[str] | None) -> dict[str, list[str]]:
     """``["lr=1e-3,1e-1", "momentum=0.5,0.9"]`` -> ``{"lr": ["1e-3", "1e-1"], "momentum": ["0.5", "0.9"]}``."""
     grid: dict[str, list[str]] = {}
@@ -98,7 +83,7 @@ def parse_grid(items: list[str] | None) -> dict[str, list[str]]:
 
 def plan_bench(req: BenchRequest, registry: Any = None) -> list[Unit]:
     """Every unit of the bench, each validated by ``plan_run`` before anything runs or is written."""
-    from metacore.app.runner import plan_run
+    from metacore.app.plan import plan_run
     from metacore.core.registry import load_registry
 
     registry = registry or load_registry()
@@ -161,10 +146,11 @@ def _run_unit(unit: Unit, bench_id: str, threads: int | None) -> dict[str, Any]:
             import torch
 
             torch.set_num_threads(threads)
-        from metacore.app.runner import execute, plan_run
+        from metacore.app.plan import plan_run
+        from metacore.app.runner import execute
         from metacore.core.tracking import MlflowTracker
 
-        tracker = NestedTracker(MlflowTracker(unit.request.tracking_uri), bench_id, {"metacore.bench": bench_id})
+        tracker = MlflowTracker(unit.request.tracking_uri).nested(bench_id, {"metacore.bench": bench_id})
         summary = execute(plan_run(unit.request), tracker)
         return {"index": unit.index, "summary": summary}
     except Exception as exc:
@@ -177,8 +163,8 @@ def run_bench(req: BenchRequest, units: list[Unit], *, command: str | None = Non
     from metacore import __version__
     from metacore.analysis.compare import compare
     from metacore.analysis.report import build_report
-    from metacore.analysis.runs import MlflowRunSource
-    from metacore.app.runner import git_commit, resolve_device
+    from metacore.app.plan import resolve_device
+    from metacore.app.runner import git_commit
     from metacore.core.tracking import MlflowTracker
 
     tracker = MlflowTracker(req.tracking_uri)
@@ -251,9 +237,8 @@ def run_bench(req: BenchRequest, units: list[Unit], *, command: str | None = Non
     out: dict[str, Any] = {"parent_run_id": bench_id, "experiment": experiment, "tracking_uri": uri, "runs": runs,
                            "failures": failures, "wall_s": round(wall, 1)}
     try:
-        source = MlflowRunSource(uri, client=tracker.client)
-        _, logged = source.runs_under(bench_id)
-        result = compare(source, logged, experiment)
+        _, logged = tracker.runs_under(bench_id)
+        result = compare(tracker, logged, experiment)
         out["rows"] = result["rows"]
         report_path = Path(report) if report else Path("mlflow_runs") / "reports" / f"bench-{bench_id[:8]}" / \
             "report.md"
@@ -263,7 +248,7 @@ def run_bench(req: BenchRequest, units: list[Unit], *, command: str | None = Non
                 f"Ray ({req.address or 'local instance'}, {req.cpus_per_unit:g} CPU per unit)",
                 "bench wall time": f"{wall:.0f} s", "MLflow": f"experiment `{experiment}`, bench parent run "
                 f"`{bench_id}`", "runs": f"{len(runs)} finished, {len(failures)} unit(s) failed"}
-        path, plots = build_report(source, logged, result, report_path, plot_dir, heading=_heading(req),
+        path, plots = build_report(tracker, logged, result, report_path, plot_dir, heading=_heading(req),
                                    command=command, meta=meta, prefix=f"bench-{section}" if section else "bench",
                                    section=section)
         out["report"] = str(path)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from metacore.core.errors import UsageError
+from metacore.core.store import RunRecord, Tracker
 
 MAX_RETRIES = 3  # a unit whose worker dies is run again this many times at most
 
@@ -73,43 +74,42 @@ def _ray_unit(unit: Any, bench_id: str, threads: int) -> dict[str, Any]:
         import torch
 
         torch.set_num_threads(threads)
-        from metacore.app.bench import NestedTracker
-        from metacore.app.runner import execute, plan_run
+        from metacore.app.plan import plan_run
+        from metacore.app.runner import execute
         from metacore.core.tracking import MlflowTracker
 
-        inner = MlflowTracker(unit.request.tracking_uri)
+        tracker = MlflowTracker(unit.request.tracking_uri)
         plan = plan_run(unit.request)
-        previous = _previous_attempt(inner, bench_id, unit.index)
+        previous = _previous_attempt(tracker, bench_id, unit.index)
         import ray
 
         node = ray.get_runtime_context().get_node_id()
         tags = {"metacore.bench": bench_id, "metacore.unit": str(unit.index), "metacore.attempt": "1",
                 "metacore.ray_node": node}
         if previous:
-            attempt = int(previous["tags"].get("metacore.attempt", "1")) + 1
-            inner.set_tags(previous["run_id"], {"metacore.attempt": str(attempt), "metacore.ray_node": node})
-            _drop_unresumable(inner, previous["run_id"])
-        summary = execute(plan, NestedTracker(inner, bench_id, tags),
-                          resume_parent=previous["run_id"] if previous else None)
+            attempt = int(previous.tags.get("metacore.attempt", "1")) + 1
+            tracker.set_tags(previous.run_id, {"metacore.attempt": str(attempt), "metacore.ray_node": node})
+            _drop_unresumable(tracker, previous.run_id)
+        summary = execute(plan, tracker.nested(bench_id, tags), resume_parent=previous.run_id if previous else None)
         return {"index": unit.index, "summary": summary}
     except Exception as exc:
         return {"index": unit.index, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _previous_attempt(tracker: Any, bench_id: str, index: int) -> dict[str, Any] | None:
+def _previous_attempt(tracker: Tracker, bench_id: str, index: int) -> RunRecord | None:
     """The run parent an earlier attempt of this unit made below the bench parent, if any."""
-    found = [c for c in tracker.children(bench_id) if c["tags"].get("metacore.unit") == str(index)]
+    found = [c for c in tracker.children(bench_id) if c.tags.get("metacore.unit") == str(index)]
     return found[0] if found else None
 
 
-def _drop_unresumable(tracker: Any, parent_id: str) -> None:
+def _drop_unresumable(tracker: Tracker, parent_id: str) -> None:
     """Delete the unfinished children of an earlier attempt that have no intact checkpoint to continue from; the
     resumed run then starts them afresh (instead of beside them, which would leave a duplicate)."""
     from metacore.core.checkpoint import is_intact, list_checkpoints
 
     for child in tracker.children(parent_id):
-        if child["status"] == "FINISHED" and "metacore.result" in child["tags"]:
+        if child.status == "FINISHED" and "metacore.result" in child.tags:
             continue
-        ckpt_dir = child["tags"].get("metacore.checkpoint_dir")
+        ckpt_dir = child.tags.get("metacore.checkpoint_dir")
         if not ckpt_dir or not any(is_intact(p) for p in list_checkpoints(ckpt_dir)):
-            tracker.client.delete_run(child["run_id"])
+            tracker.delete_run(child.run_id)

@@ -22,6 +22,7 @@ from typing import Any
 
 from metacore.app.runner import RunRequest
 from metacore.core.errors import UsageError
+from metacore.core.store import Tracker
 
 SCHEDULERS = ("pbt", "pb2", "asha")
 TUNE_ROOT = Path("mlflow_runs") / "tune"
@@ -61,7 +62,7 @@ class TunePlan:
 
 def plan_tune(req: TuneRequest) -> TunePlan:
     """Validate everything before Ray starts or anything is written."""
-    from metacore.app.runner import plan_run
+    from metacore.app.plan import plan_run
 
     if req.scheduler not in SCHEDULERS:
         raise UsageError(f"--scheduler must be one of {', '.join(SCHEDULERS)}, got {req.scheduler!r}")
@@ -218,7 +219,7 @@ def _fit(tune: Any, plan: TunePlan, spec: dict[str, Any], mode: str, parent_id: 
     return tuner.fit()
 
 
-def _summarize(tracker: Any, plan: TunePlan, results: Any, parent_id: str, experiment: str,
+def _summarize(tracker: Tracker, plan: TunePlan, results: Any, parent_id: str, experiment: str,
                mode: str) -> dict[str, Any]:
     """Per-trial results, the compute multiple, the winner and its schedule (logged on the parent)."""
     req = plan.request
@@ -234,16 +235,15 @@ def _summarize(tracker: Any, plan: TunePlan, results: Any, parent_id: str, exper
                        "exploits": sum(1 for e in lineage if e.get("from_trial")), "hparams": lineage[-1]["hparams"]
                        if lineage else {}, "final": {k: v for k, v in metrics.items() if k.startswith("test_")},
                        "lineage": lineage})
-    runs = {c["tags"].get("metacore.trial"): c for c in tracker.children(parent_id)}
+    runs = {c.tags.get("metacore.trial"): c for c in tracker.children(parent_id)}
     for t in trials:
         child = runs.get(t["trial"])
-        t["run_id"] = child["run_id"] if child else None
+        t["run_id"] = child.run_id if child else None
         if child:  # every interval a trial trained, across exploits and restarts, as it logged them
-            t["steps_trained"] = int(sum(m.value for m in tracker.client.get_metric_history(child["run_id"],
-                                                                                           "tune/interval_steps")))
-        if child and child["status"] == "RUNNING":  # stopped early by the scheduler (ASHA)
-            tracker.set_tags(child["run_id"], {"metacore.stopped_early": "true"})
-            tracker.end_run(child["run_id"], "KILLED")
+            t["steps_trained"] = int(sum(v for _, v in tracker.history(child.run_id, "tune/interval_steps")))
+        if child and child.status == "RUNNING":  # stopped early by the scheduler (ASHA)
+            tracker.set_tags(child.run_id, {"metacore.stopped_early": "true"})
+            tracker.end_run(child.run_id, "KILLED")
     done = [t for t in trials if t["completed"] and math.isfinite(t["score"])]
     better = max if mode == "max" else min
     winner = better(done, key=lambda t: t["score"]) if done else None
@@ -274,7 +274,7 @@ def schedule_points(lineage: list[dict[str, Any]], budget: int, log_interval: in
     return points
 
 
-def _log_schedule(tracker: Any, parent_id: str, lineage: list[dict[str, Any]], plan: TunePlan) -> None:
+def _log_schedule(tracker: Tracker, parent_id: str, lineage: list[dict[str, Any]], plan: TunePlan) -> None:
     for step, values in schedule_points(lineage, plan.budget, plan.run.preset.log_interval):
         tracker.log_metrics(parent_id, {f"hparam/{k}": v for k, v in values.items()}, step)
     tracker.log_dict(parent_id, lineage, "schedule.json")

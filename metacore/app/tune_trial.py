@@ -22,6 +22,8 @@ import zlib
 from pathlib import Path
 from typing import Any
 
+from metacore.core.store import Tracker
+
 PAYLOAD, META = "trainer.pt", "meta.json"
 
 
@@ -63,7 +65,8 @@ def train_trial(config: dict[str, Any], spec: dict[str, Any]) -> None:
     import torch
     from ray import tune
 
-    from metacore.app.runner import RunRequest, budget_steps, plan_run
+    from metacore.app.plan import budget_steps, plan_run
+    from metacore.app.request import RunRequest
     from metacore.controllers.static import StaticController
     from metacore.core.task import TaskContext
     from metacore.core.tracking import MlflowTracker
@@ -137,12 +140,12 @@ def _worst(direction: str) -> float:
     return float("-inf") if direction == "max" else float("inf")
 
 
-def _trial_run(tracker: Any, spec: dict[str, Any], plan: Any, trial_id: str, budget: int) -> tuple[str, bool]:
+def _trial_run(tracker: Tracker, spec: dict[str, Any], plan: Any, trial_id: str, budget: int) -> tuple[str, bool]:
     """The trial's MLflow child run below the tune parent: found by its trial id, or created (second value True)."""
     for child in tracker.children(spec["parent_id"]):
-        if child["tags"].get("metacore.trial") == trial_id:
-            tracker.reopen(child["run_id"])
-            return child["run_id"], False
+        if child.tags.get("metacore.trial") == trial_id:
+            tracker.reopen(child.run_id)
+            return child.run_id, False
     run_id = tracker.start_run(
         spec["experiment"], f"{spec['scheduler']} trial {trial_id}", parent_id=spec["parent_id"],
         tags={"metacore.role": "population", "metacore.controller": spec["scheduler"], "metacore.task": plan.task.name,
@@ -153,7 +156,7 @@ def _trial_run(tracker: Any, spec: dict[str, Any], plan: Any, trial_id: str, bud
     return run_id, True
 
 
-def _finish_run(tracker: Any, run_id: str, trial_id: str, result: Any, lineage: list[dict[str, Any]]) -> None:
+def _finish_run(tracker: Tracker, run_id: str, trial_id: str, result: Any, lineage: list[dict[str, Any]]) -> None:
     entry = {"run_id": run_id, "trial": trial_id, "steps": result.steps, "final": result.final,
              "hparams_final": result.hparams_final, "diverged": result.diverged, "rollbacks": result.rollbacks,
              "exploits": sum(1 for e in lineage if e.get("from_trial"))}

@@ -25,15 +25,15 @@ def add_parser(sub: Any) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from metacore.analysis.compare import compare
-    from metacore.analysis.runs import MlflowRunSource
     from metacore.core.errors import UsageError
+    from metacore.core.tracking import MlflowTracker
 
-    source = MlflowRunSource(args.tracking_uri)
+    store = MlflowTracker(args.tracking_uri, create=False)
     if args.run:
-        experiment, runs = source.runs_under(args.run)
+        experiment, runs = store.runs_under(args.run)
     else:
-        experiment, runs = args.experiment, source.experiment_runs(args.experiment)
-    result = compare(source, runs, experiment, split=args.split, metric=args.metric)
+        experiment, runs = args.experiment, store.experiment_runs(args.experiment)
+    result = compare(store, runs, experiment, split=args.split, metric=args.metric)
     if args.run:
         result["parent_run_id"] = args.run
     if not result["rows"]:
@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
         from metacore.analysis.plots import plot_cells
         from metacore.analysis.report import comparison_cells
 
-        result["plot"] = str(plot_cells(comparison_cells(source, runs, result), args.plot))
+        result["plot"] = str(plot_cells(comparison_cells(store, runs, result), args.plot))
     if args.json:
         print(json.dumps(result))
     else:

@@ -121,7 +121,7 @@ def _resume(args: argparse.Namespace) -> int:
         from metacore.core.tracking import MlflowTracker
 
         run = MlflowTracker(args.tracking_uri).get_run(args.resume)
-        where = (run or {}).get("tags", {}).get("metacore.checkpoint_dir")
+        where = run.tags.get("metacore.checkpoint_dir") if run else None
         if not where:
             raise UsageError(f"--resume {args.resume}: neither a meta-train folder nor a meta-train run in the "
                              f"MLflow store")

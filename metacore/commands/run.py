@@ -20,7 +20,8 @@ def add_parser(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from metacore.app.runner import RunFailed, RunInterrupted, execute, plan_resume, plan_run
+    from metacore.app.plan import plan_resume, plan_run
+    from metacore.app.runner import RunFailed, RunInterrupted, execute
     from metacore.core.errors import UsageError
     from metacore.core.registry import load_registry
     from metacore.core.threads import apply_threads, resolve_threads

@@ -3,7 +3,9 @@
 Baydin et al., "Online Learning Rate Adaptation with Hypergradient Descent" (ICLR 2018): after each backward pass the
 derivative of the loss with respect to the hyperparameters of the *previous* optimizer step is one dot product away,
 ``∂f(θ_t)/∂α = -∇f(θ_t)·u_{s}``, and the rate moves against it. The derivations for the learning rate, momentum and
-weight decay, and both update rules, are in :mod:`metacore.controllers.hypergrad_math`.
+weight decay, and both update rules, are in :mod:`metacore.controllers.hypergrad_math`; what it needs of each
+optimizer family (and the momentum and weight-decay derivatives from its state) in
+:mod:`metacore.controllers.hypergrad_optimizers`.
 
 How it stays generic and cheap (a :class:`~metacore.core.controller.GradientObserver`):
 
@@ -12,10 +14,10 @@ How it stays generic and cheap (a :class:`~metacore.core.controller.GradientObse
   optimizer actually made, ``D = θ_s - θ_t = α u``. Momentum adaptation keeps one more copy (the optimizer's
   momentum buffer or Adam's first moment before the step); nothing else is stored.
 * The parameters before the step and the current gradient are mirrored in flat buffers, the two rows of one
-  ``(2, N)`` tensor (:mod:`metacore.core.flat`: one fused copy each), so the learning rate's dot product and the two
-  norms come from one matrix product over the whole model rather than one kernel per parameter tensor; momentum and
-  weight decay work on the buffers' per-tensor views with fused ``torch._foreach_*`` passes. Everything stays on the
-  parameters' device.
+  ``(2, N)`` tensor (:mod:`metacore.controllers.hypergrad_memory` over :mod:`metacore.core.flat`: one fused copy
+  each), so the learning rate's dot product and the two norms come from one matrix product over the whole model
+  rather than one kernel per parameter tensor; momentum and weight decay work on the buffers' per-tensor views with
+  fused ``torch._foreach_*`` passes. Everything stays on the parameters' device.
 * The learning rate is a 0-dim tensor throughout; it is handed to the optimizer as a tensor on CUDA where the
   optimizer takes one without a host read-back (fused ``SGD``; ``Adam``/``AdamW`` with ``capturable=True`` or
   ``fused=True``), else as a float (on a CPU a float costs nothing). Diagnostics are tensors, read back only at
@@ -30,9 +32,11 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from metacore.controllers import hypergrad_math as hm
+from metacore.controllers import hypergrad_optimizers as ho
+from metacore.controllers.hypergrad_memory import StepMemory
 from metacore.core.controller import Controller, StepContext
 from metacore.core.errors import ControllerError, UsageError
-from metacore.core.flat import FlatBuffer, flat_rows, gram_matrix
+from metacore.core.flat import gram_matrix
 from metacore.core.hookspecs import hookimpl
 from metacore.core.hparams import HParamSpace
 from metacore.core.options import OptionSpec
@@ -99,14 +103,7 @@ class HypergradController(Controller):
         self.values: dict[str, Any] = {}  # role -> 0-dim tensor (after binding) or float
         self.family = ""
         self._bound = False
-        self._params: list[list[Any]] = []  # per optimizer group
-        self._flat_params: list[Any] = []  # the same, in one list
-        self._bounds: list[tuple[int, int]] = []  # each group's [start, stop) in the flat list
-        self._prev = None  # FlatBuffer: θ before the last step (then D, transiently)
-        self._prev_groups: list[list[Any]] = []  # its views, per group
-        self._grad = None  # FlatBuffer: the gradient of this step
-        self._pair = None  # the (2, N) tensor behind _grad and _prev
-        self._mom: list[list[Any]] | None = None  # momentum buffer / first moment before the last step
+        self._mem: StepMemory | None = None  # θ before the last step, this step's gradient, the momentum state
         self._had_buf = False  # SGD: the last step had a momentum buffer already
         self._have_prev = False
         self._count = 0  # observed steps
@@ -120,7 +117,7 @@ class HypergradController(Controller):
     def reset(self, hparams: Mapping[str, float], seed: int, space: HParamSpace, budget: int) -> None:
         super().reset(hparams, seed, space, budget)
         self._clear()
-        found = _role_names(space)
+        found = ho.role_names(space)
         if "lr" not in found:
             raise ControllerError(f"controller hypergrad needs an optimizer learning rate in {space.owner}'s "
                                   "hyperparameters (a spec writing the param-group key 'lr')")
@@ -135,7 +132,7 @@ class HypergradController(Controller):
     def check_optimizer(self, optimizer: Any, space: HParamSpace) -> str:
         """On a registered optimizer (``--optimizer``): what this controller adapts; momentum and weight decay only
         for torch's SGD/Adam/AdamW (refused before the run starts otherwise)."""
-        found = _role_names(space)
+        found = ho.role_names(space)
         extra = [r for r in self.roles if r != "lr" and r in found]
         if extra and optimizer.family == "other":
             raise UsageError(f"controller hypergrad adapts {', '.join(extra)} only on sgd, adam and adamw, not on "
@@ -162,10 +159,7 @@ class HypergradController(Controller):
     # ------------------------------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         if self._bound:
-            # views of a copy of the θ row alone: views of the buffer itself would drag the gradient row (the same
-            # storage) into every checkpoint
-            prev = list(FlatBuffer(self._flat_params, flat=self._prev.flat.clone()).views)
-            mom = [t for group in self._mom for t in group] if self._mom is not None else []
+            prev, mom = self._mem.saved()
         else:  # restored but not bound yet (no step since): hand on what was loaded
             loaded = self._loaded or {}
             prev, mom = list(loaded.get("prev", [])), list(loaded.get("mom", []))
@@ -189,37 +183,18 @@ class HypergradController(Controller):
         self._theta_norm = theta_norm.clone() if hasattr(theta_norm, "clone") else None
         self._pending = {}
         if self._bound:
-            self._load_buffers(state)
+            self._mem.load(state, self._have_prev)
         else:
             self._loaded = state  # bound at the first observed step, when the parameters are known
 
-    def _load_buffers(self, state: Mapping[str, Any]) -> None:
-        prev, mom = list(state.get("prev", [])), list(state.get("mom", []))
-        flat = self._flat_params
-        if self._have_prev and len(prev) != len(flat):
-            raise ControllerError(f"hypergrad state holds {len(prev)} parameter buffers, the model has {len(flat)}")
-        if len(prev) == len(flat):
-            for dst, src in zip(self._prev.views, prev, strict=True):
-                dst.copy_(src)
-        if self._mom is not None and len(mom) == len(flat):
-            for dst, src in zip([t for g in self._mom for t in g], mom, strict=True):
-                dst.copy_(src)
-
     # ------------------------------------------------------------------------------------------------ binding
     def _bind(self, ctx: StepContext) -> None:
-        import torch
-
         opt = ctx.optimizer
-        self.family = _family(opt)
-        self._params = [[p for p in g["params"] if p.requires_grad] for g in opt.param_groups]
-        self._flat_params = [p for g in self._params for p in g]
-        self._bounds, start = [], 0
-        for g in self._params:
-            self._bounds.append((start, start + len(g)))
-            start += len(g)
-        self._device = next((p.device for p in self._flat_params), torch.device("cpu"))
-        if any(p.device != self._device for p in self._flat_params):
-            raise ControllerError("controller hypergrad: the model's parameters are on more than one device")
+        self.family = ho.family(opt)
+        keep_momentum = "momentum" in self.names or (
+            "weight_decay" in self.names and self.family == "adam" and not ho.decoupled(opt.param_groups[0]))
+        self._mem = StepMemory(opt, keep_momentum=keep_momentum)
+        self._device = self._mem.device
         for role in ("momentum", "weight_decay"):
             if role in self.names and self.family == "other":
                 raise ControllerError(f"controller hypergrad adapts {role} for torch.optim.SGD, Adam and AdamW only; "
@@ -230,18 +205,11 @@ class HypergradController(Controller):
                 "momentum" in self.names or "weight_decay" in self.names):
             raise ControllerError("controller hypergrad: momentum/weight decay adaptation does not support amsgrad")
         mode = self.config["tensor_lr"]
-        self._tensor_lr = mode == "on" or (mode == "auto" and self._device.type == "cuda" and _takes_tensor_lr(opt))
-        self._pair = flat_rows(self._flat_params, 2)  # row 0: the gradient, row 1: θ before the step, then D
-        self._grad = FlatBuffer(self._flat_params, flat=self._pair[0])
-        self._prev = FlatBuffer(self._flat_params, flat=self._pair[1])
-        self._prev_groups = [self._prev.views[a:b] for a, b in self._bounds]
-        needs_mom = "momentum" in self.names or (
-            "weight_decay" in self.names and self.family == "adam" and not _decoupled(opt.param_groups[0]))
-        self._mom = [[torch.zeros_like(p) for p in g] for g in self._params] if needs_mom else None
+        self._tensor_lr = mode == "on" or (mode == "auto" and self._device.type == "cuda" and ho.takes_tensor_lr(opt))
         self._bound = True
         self.values = {role: self._as_value(role, to_float(v)) for role, v in self.values.items()}
         if self._loaded is not None:
-            self._load_buffers(self._loaded)
+            self._mem.load(self._loaded, self._have_prev)
             self._loaded = None
 
     def _as_value(self, role: str, value: float) -> Any:
@@ -274,47 +242,32 @@ class HypergradController(Controller):
     def after_step(self, ctx: StepContext) -> None:
         """Nothing: the next step reads the change the optimizer made from the parameters themselves."""
 
-    def _with_grads(self, grad_of) -> tuple[list, list, list]:
-        """Per group: parameters that have a gradient this step, their gradients, their ``prev`` buffers."""
-        params, grads, prevs = [], [], []
-        for group, prev in zip(self._params, self._prev_groups, strict=True):
-            ps, gs, bs = [], [], []
-            for p, b in zip(group, prev, strict=True):
-                g = grad_of(p)
-                if g is not None:
-                    ps.append(p)
-                    gs.append(g)
-                    bs.append(b)
-            params.append(ps)
-            grads.append(gs)
-            prevs.append(bs)
-        return params, grads, prevs
-
     def _observe(self, ctx: StepContext, grad_of=None) -> None:
         import torch
 
-        opt = ctx.optimizer
+        opt, mem = ctx.optimizer, self._mem
         grad_of = grad_of or (lambda p: p.grad)
         if self._have_prev:
-            self._flat_gradient([grad_of(p) for p in self._flat_params])
+            mem.flat_gradient([grad_of(p) for p in mem.flat_params])
             out: dict[str, tuple[Any, Any]] = {}
             # the derivatives that need θ_s (still in prev) come first; they need ‖g‖ alone
             if "weight_decay" in self.names or "momentum" in self.names:
-                g_norm = torch.linalg.vector_norm(self._grad.flat)
-                params, grads, prevs = self._with_grads(grad_of)
+                g_norm = torch.linalg.vector_norm(mem.grad.flat)
+                params, grads, prevs = mem.with_grads(grad_of)
                 if "weight_decay" in self.names:
-                    out["weight_decay"] = self._wd_hypergrad(opt, params, grads, prevs, g_norm)
+                    out["weight_decay"] = ho.weight_decay_hypergrad(opt, self.family, mem, params, grads, prevs, g_norm,
+                                                                     self._had_buf)
                 if "momentum" in self.names:
-                    out["momentum"] = self._momentum_hypergrad(opt, params, grads, g_norm)
+                    out["momentum"] = ho.momentum_hypergrad(opt, self.family, mem, params, grads, g_norm)
             # learning rate: D = θ_s - θ_t, ∂f/∂α = -g·D/α (a parameter without a gradient has g = 0 here).
             # [g; D] is one (2, N) tensor: per group, one matrix product gives g·g, g·D and D·D in a single pass.
-            self._prev.sub_(self._flat_params)
+            mem.prev.sub_(mem.flat_params)
             h_lr = torch.zeros((), device=self._device, dtype=torch.float64)
             gram = torch.zeros((2, 2), device=self._device, dtype=torch.float64)
-            for group, (a, b) in zip(opt.param_groups, self._bounds, strict=True):
+            for group, (a, b) in zip(opt.param_groups, mem.bounds, strict=True):
                 if a == b:
                     continue
-                g_gram = gram_matrix(self._pair[:, self._grad.offsets[a] : self._grad.offsets[b]]).double()
+                g_gram = gram_matrix(mem.pair[:, mem.grad.offsets[a] : mem.grad.offsets[b]]).double()
                 h_lr = h_lr - g_gram[0, 1] / group["lr"]
                 gram = gram + g_gram
             d_norm = gram[1, 1].clamp_min(0).sqrt()
@@ -323,100 +276,8 @@ class HypergradController(Controller):
             for role in self.names:
                 self._apply_update(role, *out[role])
             self._trust_bound(opt, d_norm)
-        self._capture(opt)
-
-    def _flat_gradient(self, grads: list[Any]) -> Any:
-        """This step's gradient in the flat buffer (zeros where a parameter has none)."""
-        import torch
-
-        if all(g is not None for g in grads):
-            return self._grad.copy_(grads).flat
-        self._grad.flat.zero_()
-        pairs = [(v, g) for v, g in zip(self._grad.views, grads, strict=True) if g is not None]
-        if pairs:
-            torch._foreach_copy_([v for v, _ in pairs], [g for _, g in pairs])
-        return self._grad.flat
-
-    def _capture(self, opt: Any) -> None:
-        """Keep θ before this step (and the momentum state before it, when momentum is adapted)."""
-        all_params = self._flat_params
-        self._prev.copy_(all_params)
-        if self._mom is not None:
-            key = "momentum_buffer" if self.family == "sgd" else "exp_avg"
-            had = True
-            for group, bufs in zip(self._params, self._mom, strict=True):
-                for p, b in zip(group, bufs, strict=True):
-                    src = opt.state.get(p, {}).get(key)
-                    if src is None:
-                        b.zero_()
-                        had = False
-                    else:
-                        b.copy_(src)
-            self._had_buf = had
-        elif self.family == "sgd":
-            self._had_buf = all(opt.state.get(p, {}).get("momentum_buffer") is not None for p in all_params)
+        self._had_buf = mem.capture(opt, self.family, self._had_buf)
         self._have_prev = True
-
-    # ------------------------------------------------------------------------------------------------ derivatives
-    def _momentum_hypergrad(self, opt, params, grads, g_norm):
-        import torch
-
-        h = torch.zeros((), device=self._device, dtype=torch.float64)
-        dot_sum = torch.zeros_like(h)
-        s_sq = torch.zeros_like(h)
-        for gi, (group, ps, gs) in enumerate(zip(opt.param_groups, params, grads, strict=True)):
-            if not ps:
-                continue
-            ids = {id(p) for p in ps}
-            mom_prev = [b for p, b in zip(self._params[gi], self._mom[gi], strict=True) if id(p) in ids]
-            lr = to_float(group["lr"])
-            if self.family == "sgd":
-                sens = mom_prev  # ∂θ_t/∂μ = -α buf_{s-1}
-                scale = -lr
-            else:
-                beta1, beta2 = (to_float(b) for b in group["betas"])
-                states = [opt.state[p] for p in ps]
-                k = float(states[0]["step"])
-                sens = hm.adam_beta1_sensitivity(mom_prev, [s["exp_avg"] for s in states],
-                                                 [s["exp_avg_sq"] for s in states], k, beta1, beta2,
-                                                 to_float(group["eps"]), lr)
-                scale = 1.0
-            d = hm.dot(gs, sens).double() * scale
-            h = h + d
-            dot_sum = dot_sum + d
-            s_sq = s_sq + (hm.norm(sens).double() * abs(scale)) ** 2
-        return h, hm.cosine(dot_sum, g_norm.double(), s_sq.sqrt())
-
-    def _wd_hypergrad(self, opt, params, grads, prevs, g_norm):
-        import torch
-
-        h = torch.zeros((), device=self._device, dtype=torch.float64)
-        s_sq = torch.zeros_like(h)
-        for gi, (group, ps, gs, bs) in enumerate(zip(opt.param_groups, params, grads, prevs, strict=True)):
-            if not ps:
-                continue
-            lr = to_float(group["lr"])
-            if self.family == "adam" and not _decoupled(group):
-                ids = {id(p) for p in ps}
-                mom_prev = [b for p, b in zip(self._params[gi], self._mom[gi], strict=True) if id(p) in ids]
-                states = [opt.state[p] for p in ps]
-                beta1, beta2 = (to_float(b) for b in group["betas"])
-                sens = hm.adam_l2_sensitivity(bs, mom_prev, [s["exp_avg"] for s in states],
-                                              [s["exp_avg_sq"] for s in states], float(states[0]["step"]),
-                                              beta1, beta2, to_float(group["eps"]), lr)
-                d = hm.dot(gs, sens).double()
-                n = hm.norm(sens).double()
-            else:
-                if self.family == "sgd":
-                    c = hm.sgd_wd_coefficient(to_float(group["momentum"]), to_float(group["dampening"]),
-                                              bool(group["nesterov"]), self._had_buf)
-                else:
-                    c = 1.0
-                d = hm.dot(gs, bs).double() * (-lr * c)  # ∂θ_t/∂λ = -α c θ_s
-                n = hm.norm(bs).double() * abs(lr * c)
-            h = h + d
-            s_sq = s_sq + n**2
-        return h, hm.cosine(h, g_norm.double(), s_sq.sqrt())
 
     # ------------------------------------------------------------------------------------------------ updates
     def _trust_bound(self, opt: Any, d_norm: Any) -> None:
@@ -433,7 +294,7 @@ class HypergradController(Controller):
         if r_max <= 0 or "lr" not in self.names:
             return
         if self._theta_norm is None or self._count % THETA_NORM_EVERY == 0:  # the weights' norm drifts slowly
-            self._theta_norm = hm.norm([p for g in self._params for p in g]).double()
+            self._theta_norm = hm.norm(self._mem.flat_params).double()
         theta_norm = self._theta_norm.to(d_norm.device)
         ratio = torch.where(theta_norm > 0, d_norm / theta_norm.clamp_min(1e-30), torch.zeros_like(d_norm))
         self._diag["update_ratio"] = ratio
@@ -474,44 +335,6 @@ class HypergradController(Controller):
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _role_names(space: HParamSpace) -> dict[str, str]:
-    """Which of the task's hyperparameters is the learning rate, the momentum (or Adam's beta1), the weight decay."""
-    found: dict[str, str] = {}
-    for spec in space:
-        if spec.acts_on != "optimizer":
-            continue
-        if spec.key == "lr":
-            found.setdefault("lr", spec.name)
-        elif spec.key == "momentum" or (spec.key == "betas" and spec.index == 0):
-            found.setdefault("momentum", spec.name)
-        elif spec.key == "weight_decay":
-            found.setdefault("weight_decay", spec.name)
-    return found
-
-
-def _family(opt: Any) -> str:
-    import torch
-
-    if isinstance(opt, torch.optim.SGD):
-        return "sgd"
-    if isinstance(opt, (torch.optim.Adam, torch.optim.AdamW)):
-        return "adam"
-    return "other"
-
-
-def _decoupled(group: Mapping[str, Any]) -> bool:
-    return bool(group.get("decoupled_weight_decay", False))
-
-
-def _takes_tensor_lr(opt: Any) -> bool:
-    """torch 2.14's foreach/for-loop SGD turns a tensor lr into a Python number inside ``step()`` (``alpha=-lr``: a
-    host sync); fused SGD, and Adam/AdamW when ``capturable`` or ``fused``, take a device tensor without a read-back."""
-    family = _family(opt)
-    if family == "sgd":
-        return all(g.get("fused") for g in opt.param_groups)
-    return family == "adam" and all(g.get("capturable") or g.get("fused") for g in opt.param_groups)
-
-
 def _plain_or_tensor(value: Any) -> Any:
     return value.detach() if hasattr(value, "detach") else float(value)
 

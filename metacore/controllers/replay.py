@@ -19,11 +19,12 @@ import functools
 from typing import Any, Mapping
 
 from metacore.core.controller import Controller
-from metacore.core.errors import ControllerError, UsageError
+from metacore.core.errors import ControllerError, MetacoreError, UsageError
 from metacore.core.hookspecs import hookimpl
 from metacore.core.hparams import HParamSpace
 from metacore.core.options import OptionSpec
 from metacore.core.state import TrainingState
+from metacore.core.store import default_tracking_uri
 
 PREFIX = "hparam/"
 
@@ -72,29 +73,23 @@ class ReplayController(Controller):
 def load_trajectory(uri: str | None, run_id: str) -> dict[str, tuple[tuple[int, float], ...]]:
     """``{name: ((step, value), ...)}`` of every ``hparam/<name>`` metric of the run, in step order (the last value
     logged at a step wins). UsageError if there is no such run or it logged no ``hparam/*`` metric."""
-    import logging
+    from metacore.core.tracking import MlflowTracker
 
-    # metacore run passes its own store; used directly without one, MLflow's own default (MLFLOW_TRACKING_URI)
+    # metacore run passes its own store; used directly without one, the default store (MLFLOW_TRACKING_URI or
+    # metacore's own)
+    uri = uri or default_tracking_uri()
     try:
-        from mlflow.tracking import MlflowClient
-
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        client = MlflowClient(tracking_uri=uri)
-        run = client.get_run(run_id)
-    except Exception:
-        raise UsageError(f"controller replay: no run {run_id!r} in {uri or 'the default MLflow store'}") from None
-    names = sorted(k[len(PREFIX):] for k in run.data.metrics if k.startswith(PREFIX))
+        store = MlflowTracker(uri, create=False)
+        run = store.get_run(run_id)
+    except MetacoreError:
+        run = None
+    if run is None:
+        raise UsageError(f"controller replay: no run {run_id!r} in {uri}") from None
+    names = sorted(k[len(PREFIX):] for k in run.metrics if k.startswith(PREFIX))
     if not names:
         raise UsageError(f"controller replay: run {run_id} has no hparam/* metrics to replay (a run parent? "
                          "pass one of its training runs, or a `metacore tune` parent)")
-    out = {}
-    for name in names:
-        by_step: dict[int, tuple[int, float]] = {}
-        for m in client.get_metric_history(run_id, PREFIX + name):
-            if m.step not in by_step or m.timestamp >= by_step[m.step][0]:
-                by_step[m.step] = (m.timestamp, float(m.value))
-        out[name] = tuple((step, by_step[step][1]) for step in sorted(by_step))
-    return out
+    return {name: tuple(sorted(dict(store.history(run_id, PREFIX + name)).items())) for name in names}
 
 
 @hookimpl

@@ -1,4 +1,5 @@
-"""Tracking: MLflow behind a small interface, and an in-memory tracker for tests and the gym environment.
+"""The two stores behind the :class:`~metacore.core.store.Tracker` interface: MLflow (``MlflowTracker``) and memory
+(``MemoryTracker``, for tests and the gym environment). Each writes runs and reads them back.
 
 Metrics are buffered per run and written with ``log_batch`` (at most 1000 per call), never one SQLite transaction
 per step. Runs are addressed by id through ``MlflowClient``, so there is no global "active run" to leak between the
@@ -17,83 +18,14 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-from metacore.core.errors import TrackingError, first_line
+from metacore.core.errors import TrackingError, UsageError, first_line
+from metacore.core.store import RunRecord, Tracker, default_tracking_uri, run_record, sqlite_path
 from metacore.core.store_link import StoreLink, quick_http_failures
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow_runs/mlflow.db"
 FLUSH_EVERY = 500  # buffered metric values per run before a write
 RETRY_EVERY_S = 10.0  # while the store is away, how often a buffered flush tries again
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a local SQLite store URI (``sqlite:///path``), None for any other store."""
-    return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
-
-
-class Tracker:
-    """Interface. ``start_run`` returns a run id; metrics are buffered until ``flush`` or ``end_run``."""
-
-    uri: str = ""
-
-    def start_run(self, experiment: str, name: str, *, parent_id: str | None = None,
-                  tags: Mapping[str, str] | None = None, params: Mapping[str, Any] | None = None) -> str:
-        raise NotImplementedError
-
-    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        raise NotImplementedError
-
-    def set_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
-        raise NotImplementedError
-
-    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int) -> None:
-        raise NotImplementedError
-
-    def log_dict(self, run_id: str, obj: Any, filename: str) -> None:
-        raise NotImplementedError
-
-    def log_artifact(self, run_id: str, path: str | Path) -> None:
-        raise NotImplementedError
-
-    def flush(self, run_id: str | None = None) -> None:
-        pass
-
-    def undelivered(self, run_id: str) -> list[list]:
-        """Metric values logged but not yet in the store, as ``[key, value, timestamp_ms, step]`` (checkpoints keep
-        them so that ``--resume`` can deliver them)."""
-        return []
-
-    def redeliver(self, run_id: str, items: list) -> None:
-        """Log values that :meth:`undelivered` returned (from a checkpoint) with their original steps."""
-        by_step: dict[int, dict[str, float]] = {}
-        for key, value, _, step in items:
-            by_step.setdefault(int(step), {})[key] = float(value)
-        for step, metrics in sorted(by_step.items()):
-            self.log_metrics(run_id, metrics, step)
-
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        raise NotImplementedError
-
-    # --- what ``--resume`` needs -------------------------------------------------------------------------------
-    def get_run(self, run_id: str) -> dict[str, Any] | None:
-        """``{"run_id", "status", "tags", "experiment"}`` or None if there is no such run."""
-        raise NotImplementedError
-
-    def children(self, parent_id: str) -> list[dict[str, Any]]:
-        raise NotImplementedError
-
-    def last_logged_step(self, run_id: str) -> int:
-        """The largest step of any metric already stored for the run (-1 if none)."""
-        raise NotImplementedError
-
-    def reopen(self, run_id: str) -> None:
-        """Mark an interrupted run as running again."""
-        raise NotImplementedError
 
 
 def _param_str(value: Any) -> str:
@@ -111,11 +43,11 @@ class MemoryTracker(Tracker):
     def __init__(self) -> None:
         self.runs: dict[str, dict[str, Any]] = {}
 
-    def start_run(self, experiment, name, *, parent_id=None, tags=None, params=None) -> str:
+    def _start_run(self, experiment, name, *, parent_id, tags, params) -> str:
         run_id = uuid.uuid4().hex
-        self.runs[run_id] = {"experiment": experiment, "name": name, "parent_id": parent_id, "tags": dict(tags or {}),
+        self.runs[run_id] = {"experiment": experiment, "name": name, "parent_id": parent_id, "tags": dict(tags),
                              "params": {}, "metrics": {}, "artifacts": {}, "status": "RUNNING"}
-        self.log_params(run_id, params or {})
+        self.log_params(run_id, params)
         return run_id
 
     def log_params(self, run_id, params) -> None:
@@ -137,38 +69,61 @@ class MemoryTracker(Tracker):
     def end_run(self, run_id, status="FINISHED") -> None:
         self.runs[run_id]["status"] = status
 
-    def history(self, run_id: str, key: str) -> list[tuple[int, float]]:
-        return self.runs[run_id]["metrics"].get(key, [])
+    def reopen(self, run_id):
+        self.runs[run_id]["status"] = "RUNNING"
+
+    def delete_run(self, run_id):
+        del self.runs[run_id]
 
     def get_run(self, run_id):
-        run = self.runs.get(run_id)
-        if run is None:
+        r = self.runs.get(run_id)
+        if r is None:
             return None
-        return {"run_id": run_id, "status": run["status"], "tags": dict(run["tags"]), "experiment": run["experiment"]}
+        latest = {k: self.history(run_id, k)[-1][1] for k, v in r["metrics"].items() if v}
+        return run_record(run_id, r["parent_id"], r["experiment"], r["name"], r["status"], dict(r["tags"]),
+                          dict(r["params"]), latest, 0, None)
 
     def children(self, parent_id):
-        return [self.get_run(rid) for rid, run in self.runs.items() if run["parent_id"] == parent_id]
+        return [self.get_run(rid) for rid, r in self.runs.items() if r["parent_id"] == parent_id]
+
+    def experiment_runs(self, experiment):
+        return [self.get_run(rid) for rid, r in self.runs.items() if r["experiment"] == experiment]
+
+    def history(self, run_id, key):
+        return sorted(self.runs[run_id]["metrics"].get(key, []), key=lambda point: point[0])
+
+    def metric_keys(self, run_id):
+        return list(self.runs[run_id]["metrics"])
 
     def last_logged_step(self, run_id):
         steps = [s for values in self.runs[run_id]["metrics"].values() for s, _ in values]
         return max(steps, default=-1)
 
-    def reopen(self, run_id):
-        self.runs[run_id]["status"] = "RUNNING"
-
 
 class MlflowTracker(Tracker):
-    """MLflow through ``MlflowClient``; a local SQLite store by default (``sqlite:///mlflow_runs/mlflow.db``)."""
+    """MLflow through ``MlflowClient``; a local SQLite store by default (``sqlite:///mlflow_runs/mlflow.db``).
 
-    def __init__(self, uri: str | None = None, artifact_root: str | Path | None = None) -> None:
+    ``create=False`` (reading runs back: ``metacore compare``) opens only a store that exists, so a mistyped path
+    is an error instead of a new empty store, and needs no write access to it.
+    """
+
+    def __init__(self, uri: str | None = None, artifact_root: str | Path | None = None, *,
+                 create: bool = True) -> None:
         self.uri = uri or default_tracking_uri()
         self._artifact_root = Path(artifact_root) if artifact_root else None
         self._buffers: dict[str, list[Any]] = {}
         self._experiments: dict[str, str] = {}
-        self._prepare_local_store()
+        self._summaries: dict[str, dict | None] = {}
+        if create:
+            self._prepare_local_store()
+        else:
+            db = sqlite_path(self.uri)
+            if db is not None and not db.is_file():
+                raise UsageError(f"no MLflow store at {db} (run `metacore run` first, or pass --tracking-uri)")
         # with a tracking server MLflow prints "View run ... at: URL" on stdout when a run ends, which would break
         # --json (one JSON object on stdout and nothing else)
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no bars on stderr
         self.link = StoreLink(self.uri)
         self._last_try = 0.0
         if self.link.remote:
@@ -179,7 +134,8 @@ class MlflowTracker(Tracker):
             from mlflow.tracking import MlflowClient
 
             logging.getLogger("mlflow").setLevel(logging.WARNING)  # mlflow sets its own level on import
-            with self._store_lock():  # two processes creating one new SQLite store would race its migrations
+            # two processes creating one new SQLite store would race its migrations
+            with self._store_lock() if create else contextlib.nullcontext():
                 self.client = MlflowClient(tracking_uri=self.uri)
                 self.client.search_experiments(max_results=1)  # opens (and migrates) the store now, not mid-run
         except Exception as exc:
@@ -235,12 +191,11 @@ class MlflowTracker(Tracker):
             self._experiments[name] = exp_id
         return self._experiments[name]
 
-    def start_run(self, experiment, name, *, parent_id=None, tags=None, params=None) -> str:
+    def _start_run(self, experiment, name, *, parent_id, tags, params) -> str:
         try:
-            all_tags = dict(tags or {})
             if parent_id:
-                all_tags["mlflow.parentRunId"] = parent_id
-            run = self.link.call(self.client.create_run, self._experiment_id(experiment), tags=all_tags, run_name=name)
+                tags = {**tags, "mlflow.parentRunId": parent_id}
+            run = self.link.call(self.client.create_run, self._experiment_id(experiment), tags=tags, run_name=name)
         except Exception as exc:
             raise TrackingError(f"cannot create a run in {self.uri}: {first_line(exc)}") from None
         run_id = run.info.run_id
@@ -305,27 +260,79 @@ class MlflowTracker(Tracker):
         self.link.call(self.client.set_terminated, run_id, status=status)
         self._buffers.pop(run_id, None)
 
+    def reopen(self, run_id):
+        self.link.call(self.client.update_run, run_id, status="RUNNING")
+        self._buffers.setdefault(run_id, [])
+
+    def delete_run(self, run_id):
+        self.link.call(self.client.delete_run, run_id)
+        self._buffers.pop(run_id, None)
+
+    # --- reading -----------------------------------------------------------------------------------------------
+    def _record(self, run: Any, experiment: str) -> RunRecord:
+        info, data = run.info, run.data
+        return run_record(info.run_id, data.tags.get("mlflow.parentRunId"), experiment, info.run_name or "",
+                          info.status, dict(data.tags), dict(data.params), dict(data.metrics), info.start_time or 0,
+                          info.end_time)
+
     def get_run(self, run_id):
         try:
             run = self.client.get_run(run_id)
         except Exception:
             return None
-        exp = self.client.get_experiment(run.info.experiment_id)
-        return {"run_id": run_id, "status": run.info.status, "tags": dict(run.data.tags), "experiment": exp.name}
+        return self._record(run, self.client.get_experiment(run.info.experiment_id).name)
 
     def children(self, parent_id):
         parent = self.client.get_run(parent_id)
+        experiment = self.client.get_experiment(parent.info.experiment_id).name
         found = self.client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
                                         max_results=10000)
-        return [{"run_id": r.info.run_id, "status": r.info.status, "tags": dict(r.data.tags)} for r in found]
+        return [self._record(r, experiment) for r in found]
+
+    def experiment_runs(self, experiment):
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            known = sorted(e.name for e in self.client.search_experiments())
+            raise UsageError(f"no experiment {experiment!r} in {self.uri} (known: {', '.join(known) or 'none'})")
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([exp.experiment_id], max_results=1000, page_token=token)
+            runs.extend(self._record(r, experiment) for r in page)
+            token = page.token
+            if not token:
+                break
+        self._attach_wall_times(runs)
+        return runs
+
+    def history(self, run_id, key):
+        found = sorted(self.client.get_metric_history(run_id, key), key=lambda m: (m.step, m.timestamp))
+        return [(int(m.step), float(m.value)) for m in found]
+
+    def metric_keys(self, run_id):
+        return list(self.client.get_run(run_id).data.metrics)
 
     def last_logged_step(self, run_id):
         run = self.client.get_run(run_id)
         steps = [m.step for key in run.data.metrics for m in self.client.get_metric_history(run_id, key)]
         return max(steps, default=-1)
 
-    def reopen(self, run_id):
-        self.link.call(self.client.update_run, run_id, status="RUNNING")
-        self._buffers.setdefault(run_id, [])
+    def parent_summary(self, parent_id: str) -> dict | None:
+        """The ``summary.json`` artifact that ``metacore run`` leaves on its parent (None where absent)."""
+        if parent_id not in self._summaries:
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = self.client.download_artifacts(parent_id, "summary.json", tmp)
+                    self._summaries[parent_id] = json.loads(Path(path).read_text())
+            except Exception:
+                self._summaries[parent_id] = None
+        return self._summaries[parent_id]
 
-
+    def _attach_wall_times(self, runs: list[RunRecord]) -> None:
+        """Training wall time as the trainer measured it (the summary), not the run's duration with data loading."""
+        by_id = {r.run_id: r for r in runs}
+        for parent_id in {r.parent_id for r in runs if r.is_training and r.parent_id}:
+            summary = self.parent_summary(parent_id)
+            for item in (summary or {}).get("runs", []):
+                run = by_id.get(item.get("run_id"))
+                if run is not None and item.get("wall_s") is not None:
+                    run.wall_s = float(item["wall_s"])

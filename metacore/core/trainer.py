@@ -25,7 +25,7 @@ from metacore.core.task import Task, TaskContext, TaskData
 from metacore.core.values import floats, to_float
 
 if TYPE_CHECKING:  # pragma: no cover
-    from metacore.core.tracking import Tracker
+    from metacore.core.store import Tracker
 
 
 @dataclass
