@@ -58,7 +58,7 @@ def test_residual_env_with_zero_actions_is_the_teacher_step_for_step():
     while not done:
         obs, _, done, _, _ = env.step([0.0])
         assert obs[-1] == 0.0  # the residual stays 0
-    assert len(seen) > 20 and seen == _teacher_run(env, info)  # autolr changes the rate nearly every step
+    assert len(seen) > 10 and seen == _teacher_run(env, info)  # autolr changes the rate in its search and decay
 
 
 def test_residual_action_scales_the_teachers_rate():
@@ -144,7 +144,7 @@ def test_warm_started_policy_reproduces_the_teacher_and_without_it_does_not(tmp_
     assert bc["value_loss_after"] < bc["value_loss_before"]  # the critic learned the teacher's returns
     assert spec["training"]["run_equivalents"] == pytest.approx((20 + 20) / 40)  # warm start counted in the cost
     runs = _ppo_lrs(policy)
-    assert len(runs["ppo"]) == len(runs["autolr"]) > 20
+    assert len(runs["ppo"]) == len(runs["autolr"]) > 10
     for (s1, a), (s2, b) in zip(runs["ppo"], runs["autolr"], strict=True):
         assert s1 == s2 and a == pytest.approx(b, rel=1e-12)
 
