@@ -144,8 +144,8 @@ def test_a_task_without_a_learning_rate_is_refused():
 @pytest.mark.slow
 @pytest.mark.parametrize("lr0", [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
 def test_digits_small_is_robust_to_the_initial_rate(lr0):
-    """Digits (small preset, 300 steps, seed 0) from every initial rate: the issue's bar is 0.975; measured worst case
-    0.972 (from 1e-3, docs/results.md), so this asserts 0.97 and the shortfall is reported, not hidden."""
+    """Digits (small preset, 300 steps, seed 0) from every initial rate: the issue's bar is 0.975 (measured worst case
+    0.983, docs/results.md)."""
     pytest.importorskip("torch")
     from metacore.core.registry import load_registry
     from metacore.core.trainer import Trainer, TrainerConfig
@@ -156,7 +156,7 @@ def test_digits_small_is_robust_to_the_initial_rate(lr0):
     config = TrainerConfig(budget=300, log_interval=ctx.preset.log_interval, eval_interval=ctx.preset.eval_interval)
     result = Trainer(task, AutoLRController(), ctx, ctx.hparams, config).run()
     assert not result.diverged
-    assert result.final["test/accuracy"] >= 0.97
+    assert result.final["test/accuracy"] >= 0.975
 
 
 def test_resume_mid_search_continues_exactly():

@@ -201,9 +201,10 @@ class AutoLRController(Controller):
         so the rate in force at the EMA's minimum (the kept copy) can be several times the rate where the loss was
         lowest; a centred average has no lag. Only steps with a whole window either side count when there are any:
         the truncated averages at the ends rest on a few noisy losses (electricity from 1e-2, seed 0: a minimum
-        placed at the last step, 0.74, against 0.063 with whole windows only). On a valley that rises more steeply than it fell it leans to the
-        gentle (lower-rate) side, by at most ``window`` growth steps. On cifar10 and electricity search curves
-        (docs/results.md) the EMA's minimum landed anywhere in a decade above the centred one."""
+        placed at the last step, 0.74, against 0.063 with whole windows only). On a valley that rises more steeply
+        than it fell it leans to the gentle (lower-rate) side, by at most ``window`` growth steps. On cifar10 and
+        electricity search curves (docs/results.md) the EMA's minimum landed anywhere in a decade above the centred
+        one."""
         k, losses = self.config["window"], self.curve_loss
         if k <= 0 or len(losses) < 2:
             return 0.0

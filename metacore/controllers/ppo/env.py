@@ -34,7 +34,7 @@ import numpy as np
 from gymnasium import spaces
 
 from metacore.controllers.ppo.features import CLIP, FEATURES, FeatureTracker, score
-from metacore.controllers.ppo.residual import TEACHER_FEATURE, Residual
+from metacore.controllers.ppo.residual import TEACHER_FEATURE, Residual, ResidualHost
 from metacore.core.controller import Controller, StepContext
 from metacore.core.errors import UsageError
 from metacore.core.state import TrainingState
@@ -42,7 +42,7 @@ from metacore.core.state import TrainingState
 REWARDS = ("delta", "final")
 
 
-class _EnvController(Controller):
+class _EnvController(ResidualHost, Controller):
     """Applies the agent's pending action at the next step and records gradient statistics."""
 
     name = "ppo-env"
@@ -60,12 +60,7 @@ class _EnvController(Controller):
 
     def observe_gradients(self, ctx: StepContext) -> None:
         self.tracker.grads.observe(ctx.grads)
-        if self.residual is not None:
-            self.residual.observe_gradients(ctx)
-
-    def after_step(self, ctx: StepContext) -> None:
-        if self.residual is not None:
-            self.residual.after_step(ctx)
+        self._pass_gradients(ctx)
 
     def act(self, state: TrainingState) -> dict[str, Any]:
         changes, self.pending = self.pending, {}

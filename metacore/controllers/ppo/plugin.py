@@ -18,6 +18,7 @@ import math
 from typing import Any, Mapping
 
 from metacore.controllers.ppo.features import FeatureTracker
+from metacore.controllers.ppo.residual import ResidualHost
 from metacore.core.controller import Controller, StepContext
 from metacore.core.errors import ControllerError
 from metacore.core.hookspecs import hookimpl
@@ -26,7 +27,7 @@ from metacore.core.options import OptionSpec
 from metacore.core.state import TrainingState
 
 
-class PPOController(Controller):
+class PPOController(ResidualHost, Controller):
     """A meta-trained PPO policy acting on the learning rate from task-agnostic training signals."""
 
     name = "ppo"
@@ -84,12 +85,7 @@ class PPOController(Controller):
         if ctx.step % self.interval == 0:  # a decision step: close the interval before this step's gradient
             self._grad = self.tracker.grads.take()
         self.tracker.grads.observe(ctx.grads)
-        if self.residual is not None:
-            self.residual.observe_gradients(ctx)
-
-    def after_step(self, ctx: StepContext) -> None:
-        if self.residual is not None:
-            self.residual.after_step(ctx)
+        self._pass_gradients(ctx)
 
     def act(self, state: TrainingState) -> dict[str, Any]:
         if self.residual is not None:

@@ -125,3 +125,17 @@ class Residual:
         self.teacher.load_state_dict(state.get("teacher", {}))
         self.residual.update({h: float(r) for h, r in state.get("residual", {}).items()})
         self.view.update(state.get("view", {}))
+
+
+class ResidualHost:
+    """Mixin of a controller that may drive a :class:`Residual`: the calls it passes on to the teacher unchanged."""
+
+    residual: Residual | None = None
+
+    def after_step(self, ctx: StepContext) -> None:
+        if self.residual is not None:
+            self.residual.after_step(ctx)
+
+    def _pass_gradients(self, ctx: StepContext) -> None:
+        if self.residual is not None:
+            self.residual.observe_gradients(ctx)
