@@ -68,7 +68,12 @@ def summarise(table, controller: str, direction: str) -> dict:
     for lr, s in methods.get(controller, {}).items():
         ratio = s["mean"] / best[2] if best else math.nan
         ok = (ratio >= 0.98) if direction == "max" else (ratio <= 1.02)
-        rows.append({"lr0": lr, **s, "ratio_to_best_search": ratio, "meets_goal": bool(ok and not s["diverged"])})
+        ref = table[best[0]][best[1]] if best else {}
+        mine = table[controller][lr]
+        paired = {seed: mine[seed][0] - ref[seed][0] for seed in sorted(ref) if seed in mine}
+        rows.append({"lr0": lr, **s, "ratio_to_best_search": ratio, "meets_goal": bool(ok and not s["diverged"]),
+                     "paired_delta": statistics.fmean(paired.values()) if paired else math.nan,
+                     "paired_delta_by_seed": paired})
     return {"methods": methods, "best_search": {"method": best[0], "lr0": best[1], "mean": best[2]} if best else None,
             "controller": controller, "rows": rows, "search_runs": sum(s["n"] for m in SEARCH
                                                                        for s in methods.get(m, {}).values())}
@@ -78,8 +83,8 @@ def markdown(summary: dict, metric: str) -> str:
     methods = summary["methods"]
     names = [summary["controller"]] + [m for m in methods if m != summary["controller"]]
     lrs = sorted({lr for m in methods.values() for lr in m})
-    head = "| initial lr | " + " | ".join(names) + " | best of search | ratio |"
-    lines = [head, "| " + " | ".join(["---"] * (len(names) + 3)) + " |"]
+    head = "| initial lr | " + " | ".join(names) + " | best of search | ratio | paired Δ (per seed) |"
+    lines = [head, "| " + " | ".join(["---"] * (len(names) + 4)) + " |"]
     best = summary["best_search"]
     by_lr = {r["lr0"]: r for r in summary["rows"]}
     for lr in lrs:
@@ -90,7 +95,9 @@ def markdown(summary: dict, metric: str) -> str:
         r = by_lr.get(lr)
         ratio = f"{r['ratio_to_best_search']:.3f}{'' if r['meets_goal'] else ' ✗'}" if r else "–"
         best_cell = f"{best['mean']:.4f} ({best['method']} {best['lr0']:g})" if best else "–"
-        lines.append(f"| {lr:g} | " + " | ".join(cells) + f" | {best_cell} | {ratio} |")
+        delta = (f"{r['paired_delta']:+.4f} (" + ", ".join(f"{v:+.3f}" for v in r["paired_delta_by_seed"].values())
+                 + ")") if r and r["paired_delta_by_seed"] else "–"
+        lines.append(f"| {lr:g} | " + " | ".join(cells) + f" | {best_cell} | {ratio} | {delta} |")
     return f"{metric}, mean ± sample std over seeds\n\n" + "\n".join(lines)
 
 

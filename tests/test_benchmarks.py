@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -64,6 +66,9 @@ def test_lr_robustness_summary_judges_against_the_best_of_the_search(tmp_path):
     rows = {r["lr0"]: r for r in summary["rows"]}
     assert rows[1e-4]["ratio_to_best_search"] == 0.525 / 0.53 and rows[1e-4]["meets_goal"]
     assert not rows[1.0]["meets_goal"] and rows[1.0]["diverged"] == 1
+    assert rows[1e-4]["paired_delta_by_seed"] == {0: pytest.approx(0.01), 1: pytest.approx(-0.02)}
+    assert rows[1e-4]["paired_delta"] == pytest.approx(-0.005)
+    assert rows[1.0]["paired_delta_by_seed"] == {0: pytest.approx(-0.22)}  # seed 1 has no autolr run at 1.0
     assert summary["search_runs"] == 5
     text = mod.markdown(summary, "test/accuracy")
     assert "0.5250 ± 0.0071 (n=2)" in text and "✗" in text
