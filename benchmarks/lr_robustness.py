@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--controller", default="autolr", help="the adaptive controller to judge (default autolr)")
     ap.add_argument("--controller-from", help="comma-separated experiments the judged controller's runs are read "
                     "from (default: all of --experiments)")
+    ap.add_argument("--others", help="comma-separated other methods to show beside the controller and the search "
+                    "(e.g. learning-rate-free optimizers: dog,mechanic-sgd); default: every method found")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--seeds", help="comma-separated seeds to keep (default: all)")
     ap.add_argument("--tracking-uri", default="sqlite:///mlflow_runs/mlflow.db")
@@ -152,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     table = collect(args.tracking_uri, [e for e in args.experiments.split(",") if e], args.task, metric,
                     args.preset, seeds, args.controller,
                     [e for e in args.controller_from.split(",") if e] if args.controller_from else None)
+    if args.others is not None:
+        keep = {args.controller, *SEARCH, *(m for m in args.others.split(",") if m)}
+        table = {m: cell for m, cell in table.items() if m in keep}
     if not table:
         print(f"no finished {args.task} runs at preset {args.preset} in {args.experiments}", file=sys.stderr)
         return 2
