@@ -43,13 +43,19 @@ def collect(uri: str, experiments: list[str], task: str, metric: str, preset: st
             value = result.get("final", {}).get(metric)
             if value is None or "hparam.lr" not in run.params:
                 continue
-            optimizer = run.params.get("optimizer", "")
-            method = run.controller
-            if optimizer and optimizer != run.params.get("optimizer.default", optimizer):
-                method = optimizer if run.controller == "static" else f"{run.controller}+{optimizer}"
+            method = method_of(run.controller, run.params)
             table[method][float(run.params["hparam.lr"])][run.seed] = (
                 float(value), float(result.get("compute_ratio", 1.0)), bool(result.get("diverged", False)))
     return table
+
+
+def method_of(controller: str, params: dict) -> str:
+    """The controller, or ``<optimizer>`` for a static run on an optimizer other than the task's own (logged as
+    ``optimizer=default``), or ``<controller>+<optimizer>``."""
+    optimizer = params.get("optimizer", "")
+    if not optimizer or optimizer in ("default", params.get("optimizer.default")):
+        return controller
+    return optimizer if controller == "static" else f"{controller}+{optimizer}"
 
 
 def summarise(table, controller: str, direction: str) -> dict:

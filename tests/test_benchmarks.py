@@ -72,6 +72,10 @@ def test_lr_robustness_summary_judges_against_the_best_of_the_search(tmp_path):
     assert summary["search_runs"] == 5
     text = mod.markdown(summary, "test/accuracy")
     assert "0.5250 ± 0.0071 (n=2)" in text and "✗" in text
+    assert mod.method_of("static", {"optimizer": "default"}) == "static"
+    assert mod.method_of("static", {"optimizer": "sf-adamw"}) == "sf-adamw"  # a static run on another optimizer
+    assert mod.method_of("autolr", {"optimizer": "adamw"}) == "autolr+adamw"
+    assert mod.method_of("cosine", {}) == "cosine"
     for value, ok in ((2.03, True), (2.05, False)):  # lower is better: within 1.02 x the best passes
         low = mod.summarise({"static": {0.1: {0: (2.0, 1.0, False)}}, "autolr": {0.1: {0: (value, 1.0, False)}}},
                             "autolr", "min")
