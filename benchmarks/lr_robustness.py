@@ -37,13 +37,13 @@ def collect(uri: str, experiments: list[str], task: str, metric: str, preset: st
                 continue
             if run.params.get("preset") != preset or (seeds is not None and run.seed not in seeds):
                 continue
-            if controller_from is not None and run.controller == controller and exp not in controller_from:
+            method = method_of(run.controller, run.params)
+            if controller_from is not None and method == controller and exp not in controller_from:
                 continue
             result = json.loads(run.tags.get("metacore.result", "{}"))
             value = result.get("final", {}).get(metric)
             if value is None or "hparam.lr" not in run.params:
                 continue
-            method = method_of(run.controller, run.params)
             table[method][float(run.params["hparam.lr"])][run.seed] = (
                 float(value), float(result.get("compute_ratio", 1.0)), bool(result.get("diverged", False)))
     return table
