@@ -60,6 +60,18 @@ def run_cli(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: i
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is faster than contending for the few cores (restored afterwards).
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def cli(tmp_path):
     """Run the CLI in ``tmp_path`` so the default store lands in ``tmp_path/mlflow_runs``."""
 

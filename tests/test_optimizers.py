@@ -40,14 +40,7 @@ def _weights(trainer):
     return {k: v.clone() for k, v in trainer.model.state_dict().items()}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("name", BUILTINS)
