@@ -54,8 +54,13 @@ class AutoLRController(Controller):
                            "this fraction", 0.01, 10.0),
         "backoff": OptionSpec("backoff", 10.0, float, "the peak rate is the rate where the search stopped "
                               "divided by this", 1.0, 1e4),
-        "window": OptionSpec("window", 5, int, "the peak is also at most the rate at the minimum of the search's "
-                             "per-step losses averaged over this many steps either side (no lag; 0: off)", 0, None),
+        "window": OptionSpec("window", 5, int, "the search's per-step losses are averaged over this many steps "
+                             "either side (no lag); the peak is at most the rate at their minimum, or edge_lr / "
+                             "edge_backoff where that is larger (0: off, the kept rate caps the peak instead)", 0, None),
+        "edge_rise": OptionSpec("edge_rise", 0.1, float, "the edge is the first rate past the centred minimum whose "
+                                "centred loss is this fraction above it (0: no edge)", 0.0, 10.0),
+        "edge_backoff": OptionSpec("edge_backoff", 4.0, float, "a peak below edge_lr / edge_backoff is raised to it "
+                                   "(the centred minimum of a flat curve lands anywhere in it)", 1.0, 1e4),
         "smoothing": OptionSpec("smoothing", 0.9, float, "EMA factor of the per-step loss", 0.0, 0.999),
         "min_factor": OptionSpec("min_factor", 0.0, float, "final rate as a fraction of the peak", 0.0, 1.0),
         "decay_frac": OptionSpec("decay_frac", 0.3, float, "fraction of the steps after the search spent in the "
@@ -93,6 +98,7 @@ class AutoLRController(Controller):
         self.curve_lr: list[float] = []  # during the search: the rate and the loss of each fed step
         self.curve_loss: list[float] = []
         self.centered_lr = 0.0
+        self.edge_lr = 0.0
         self.kept_step = -1  # the step whose weights the trainer keeps for us
         self.kept_lr = 0.0
         self.went_back = 0
@@ -172,12 +178,18 @@ class AutoLRController(Controller):
                 past = risen or out_of_room
                 self.stop_lr = self.lr
                 peak = self.lr / self.config["backoff"] if past else self.lr
+                self.centered_lr, self.edge_lr = self._centered_minimum_and_edge()
                 if past and self.kept_step >= 0:
-                    peak = min(peak, self.kept_lr)  # never above a rate the loss was still at its minimum with
                     self._request = "go_back"  # undo what the steps past the minimum did to the weights
-                self.centered_lr = self._centered_minimum()
                 if past and self.centered_lr > 0:
-                    peak = min(peak, self.centered_lr)  # where the loss was lowest, without the EMA's lag
+                    # where the loss was lowest, without the EMA's lag; on a flat curve that minimum lands anywhere
+                    # below the rise, which stays put: a quarter of the rate where the loss has risen is kept
+                    lowest = self.centered_lr
+                    if self.edge_lr > 0:
+                        lowest = max(lowest, self.edge_lr / self.config["edge_backoff"])
+                    peak = min(peak, lowest)
+                elif past and self.kept_step >= 0:
+                    peak = min(peak, self.kept_lr)  # never above a rate the loss was still at its minimum with
                 self.peak = spec.clip(peak)
                 self.phase, self.search_end = ANNEAL, state.step
                 self.ema_min = self._smoothed
@@ -194,20 +206,23 @@ class AutoLRController(Controller):
         self.lr = spec.clip(self._annealed(state.step, state.budget))
         return {self.lr_name: self.lr} if self.lr != state.hparams.get(self.lr_name) else {}
 
-    def _centered_minimum(self) -> float:
-        """The rate at the minimum of the search's losses averaged over ``window`` steps either side.
+    def _centered_minimum_and_edge(self) -> tuple[float, float]:
+        """The rate at the minimum of the search's losses averaged over ``window`` steps either side, and the edge:
+        the first rate past it whose average is ``edge_rise`` above that minimum (0.0 where there is none).
 
         The EMA that decides when to stop lags by about ``1 / (1 - smoothing)`` steps, and the rate grows every step,
         so the rate in force at the EMA's minimum (the kept copy) can be several times the rate where the loss was
         lowest; a centred average has no lag. Only steps with a whole window either side count when there are any:
         the truncated averages at the ends rest on a few noisy losses (electricity from 1e-2, seed 0: a minimum
         placed at the last step, 0.74, against 0.063 with whole windows only). On a valley that rises more steeply
-        than it fell it leans to the gentle (lower-rate) side, by at most ``window`` growth steps. On cifar10 and
-        electricity search curves (docs/results.md) the EMA's minimum landed anywhere in a decade above the centred
-        one."""
+        than it fell it leans to the gentle (lower-rate) side, by at most ``window`` growth steps.
+
+        On a curve that is flat until it turns up (a BatchNorm ResNet in its first 80 steps: the loss falls from 2.4
+        to 2.3 while the rate grows four decades) the minimum is placed by noise anywhere in those decades (cifar10:
+        0.004 to 0.044 over 15 searches), while the edge stays within a factor of two (0.09 to 0.20)."""
         k, losses = self.config["window"], self.curve_loss
         if k <= 0 or len(losses) < 2:
-            return 0.0
+            return 0.0, 0.0
         sums = [0.0]
         for value in losses:
             sums.append(sums[-1] + value)
@@ -218,7 +233,10 @@ class AutoLRController(Controller):
 
         n = len(losses)
         whole = range(k, n - k) if n > 2 * k else range(n)  # only averages over a full window, where there are some
-        return self.curve_lr[min(whole, key=mean)]
+        at = min(whole, key=mean)
+        rise = self.config["edge_rise"]
+        edge = next((i for i in whole if i > at and mean(i) > (1 + rise) * mean(at)), None) if rise > 0 else None
+        return self.curve_lr[at], (self.curve_lr[edge] if edge is not None else 0.0)
 
     def _annealed(self, step: int, budget: int) -> float:
         span = max(1, budget - self.search_end)
@@ -239,7 +257,7 @@ class AutoLRController(Controller):
     def diagnostics(self) -> dict[str, float]:
         return {"autolr_peak": self.peak, "autolr_searching": float(self.phase == SEARCH),
                 "autolr_stop_lr": self.stop_lr, "autolr_cuts": float(self.cuts), "autolr_kept_lr": self.kept_lr,
-                "autolr_centered_lr": self.centered_lr,
+                "autolr_centered_lr": self.centered_lr, "autolr_edge_lr": self.edge_lr,
                 "autolr_went_back": float(self.went_back)}
 
     def state_dict(self) -> dict[str, Any]:
@@ -248,8 +266,8 @@ class AutoLRController(Controller):
                 "ema_min": self.ema_min, "smoothed": self._smoothed,
                 "last_cut": self.last_cut, "cuts": self.cuts, "kept_step": self.kept_step, "kept_lr": self.kept_lr,
                 "went_back": self.went_back, "curve_lr": list(self.curve_lr), "curve_loss": list(self.curve_loss),
-                "centered_lr": self.centered_lr, "request": self._request or "", "last_logged": self._last_logged,
-                "last_step": self._last_step}
+                "centered_lr": self.centered_lr, "edge_lr": self.edge_lr, "request": self._request or "",
+                "last_logged": self._last_logged, "last_step": self._last_step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not state:
@@ -265,6 +283,7 @@ class AutoLRController(Controller):
         self.curve_lr = [float(v) for v in state.get("curve_lr", [])]
         self.curve_loss = [float(v) for v in state.get("curve_loss", [])]
         self.centered_lr = float(state.get("centered_lr", 0.0))
+        self.edge_lr = float(state.get("edge_lr", 0.0))
         self._request = str(state.get("request", "")) or None
         self._last_logged = float(state.get("last_logged", math.nan))
         self._last_step = int(state.get("last_step", -1))
