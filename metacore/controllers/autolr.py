@@ -8,10 +8,12 @@ fixed rate (docs/results.md). ``autolr`` treats the user's initial rate as a *hi
    costs no forward or backward pass beyond the run's own. The per-step loss is smoothed (bias-corrected EMA); the
    search stops when the smoothed loss rises ``rise`` above its minimum so far (or turns non-finite, or the rate
    reaches the task's upper bound, which counts as a rise). The weights at the smoothed minimum are kept in memory
-   and restored. The peak rate is the smallest of: the rate at the stop divided by ``backoff``; the rate in force
-   when the kept weights were taken; and the rate at the minimum of the per-step losses averaged over ``window``
-   steps either side. The last one matters most: the EMA lags, and the rate grows every step, so its minimum falls
-   several times past the rate where the loss was lowest.
+   and restored. The peak rate is the smaller of the rate at the stop divided by ``backoff`` and where the loss was
+   lowest: the rate at the minimum of the per-step search losses averaged over ``window`` steps either side (the EMA
+   lags, and the rate grows every step, so its minimum falls several times past the rate where the loss was lowest),
+   raised to ``edge / edge_backoff`` where that is larger — the edge being the first rate past that minimum whose
+   average is ``edge_rise`` above it. On a curve flat until it turns up, noise places the minimum anywhere below the
+   turn; the edge stays put. (Without a window, the rate in force when the kept weights were taken caps the peak.)
 2. **Anneal**: hold the peak, then a cosine decay to ``min_factor × peak`` over the last ``decay_frac`` of the steps
    after the search, ending with the budget (``TrainingState.budget``) — a warmup-stable-decay shape (Hu et al. 2024;
    Hägele et al. 2024). At a fixed budget a decayed rate beats a constant one, and holding the peak before the decay
@@ -56,7 +58,8 @@ class AutoLRController(Controller):
                               "divided by this", 1.0, 1e4),
         "window": OptionSpec("window", 5, int, "the search's per-step losses are averaged over this many steps "
                              "either side (no lag); the peak is at most the rate at their minimum, or edge_lr / "
-                             "edge_backoff where that is larger (0: off, the kept rate caps the peak instead)", 0, None),
+                             "edge_backoff where that is larger (0: off, the kept rate caps the peak instead)",
+                             0, None),
         "edge_rise": OptionSpec("edge_rise", 0.1, float, "the edge is the first rate past the centred minimum whose "
                                 "centred loss is this fraction above it (0: no edge)", 0.0, 10.0),
         "edge_backoff": OptionSpec("edge_backoff", 4.0, float, "a peak below edge_lr / edge_backoff is raised to it "
