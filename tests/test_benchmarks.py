@@ -80,3 +80,34 @@ def test_lr_robustness_summary_judges_against_the_best_of_the_search(tmp_path):
         low = mod.summarise({"static": {0.1: {0: (2.0, 1.0, False)}}, "autolr": {0.1: {0: (value, 1.0, False)}}},
                             "autolr", "min")
         assert low["rows"][0]["meets_goal"] is ok
+
+
+def test_tune_compare_averages_seeds_and_counts_compute(tmp_path):
+    import argparse
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tune_compare", REPO / "benchmarks" / "tune_compare.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def tune(score, test):
+        return {"compute_multiple": 4.0, "scheduler": "pbt", "population": 4, "interval": 60,
+                "winner": {"score": score, "final": {"test_accuracy": test}}}
+
+    def grid(vals_tests):
+        return {"runs": [{"steps": 600, "grid": {"lr": lr}, "final": {"val/accuracy": v, "test/accuracy": t}}
+                         for lr, (v, t) in vals_tests.items()]}
+
+    files = {}
+    for name, obj in {"p0": tune(0.5, 0.48), "p1": tune(0.6, 0.52),
+                      "g0": grid({0.1: (0.5, 0.45), 0.01: (0.4, 0.47)}),
+                      "g1": grid({0.1: (0.3, 0.30), 0.01: (0.6, 0.55)})}.items():
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(obj))
+    args = argparse.Namespace(mode="max", metric="accuracy", run=None, store_run=None, store_grid=None, seeds="",
+                              tune=[f"pbt={files['p0']},{files['p1']}"], grid=[f"g={files['g0']},{files['g1']}"])
+    by = {r["method"]: r for r in mod.rows(args)}
+    assert by["pbt"]["seeds"] == 2 and by["pbt"]["compute"] == 4.0
+    assert by["pbt"]["test"] == pytest.approx(0.50) and by["pbt"]["test_std"] == pytest.approx(2 ** 0.5 * 0.02)
+    # the grid: per seed the best rate by validation (0.1 on seed 0, 0.01 on seed 1), its test score; 2 runs = 2x
+    assert by["g"]["tests"] == [0.45, 0.55] and by["g"]["compute"] == 2.0
