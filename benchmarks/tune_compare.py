@@ -11,10 +11,11 @@ and writes a plot.
         --store-run autolr=cifar10-autolr3:autolr@1e-3 --store-run sf-adamw=cifar10-optimizers:sf-adamw \
         --task cifar10 --seeds 0,1,2
 
-``--store-run NAME=EXPERIMENT:METHOD[@LR]`` is one run per seed (a method as `lr_robustness.py` names it: the
-controller, the optimizer of a static run on another optimizer, or ``controller+optimizer``; ``@LR`` picks the
-initial rate); ``--store-grid NAME=EXPERIMENT:METHOD`` is, per seed, the best rate by validation over every rate of
-that method. The compute multiple is the optimizer steps of all runs of a method over one run's budget.
+``--store-run NAME=EXPERIMENTS:METHOD[@LR]`` (experiments comma-separated) is one run per seed (a method as
+`lr_robustness.py` names it: the controller, the optimizer of a static run on another optimizer, or
+``controller+optimizer``; ``@LR`` picks the initial rate); ``--store-grid NAME=EXPERIMENTS:METHOD`` is, per seed, the
+best rate by validation over every rate of that method. The compute multiple is the optimizer steps of all runs of a
+method over one run's budget.
 """
 
 from __future__ import annotations
@@ -42,14 +43,16 @@ def _row(method: str, per_seed: list[dict[str, Any]], note: str) -> dict[str, An
             "test_std": statistics.stdev(tests) if len(tests) > 1 else None, "tests": tests, "note": note}
 
 
-def _store_runs(uri: str, experiment: str, method: str, task: str, seeds: set[int] | None):
-    """{seed: {lr0: (budget, steps, final)}} of the finished training runs of ``method`` in one experiment."""
+def _store_runs(uri: str, experiments: str, method: str, task: str, seeds: set[int] | None):
+    """{seed: {lr0: (budget, steps, final)}} of the finished training runs of ``method`` in the experiments
+    (comma-separated)."""
     from lr_robustness import method_of  # noqa: PLC0415  (a sibling script: one definition of a method's name)
 
     from metacore.core.tracking import MlflowTracker
 
     out: dict[int, dict[float, tuple]] = {}
-    for run in MlflowTracker(uri, create=False).experiment_runs(experiment):
+    store = MlflowTracker(uri, create=False)
+    for run in (r for experiment in experiments.split(",") for r in store.experiment_runs(experiment)):
         if run.status != "FINISHED" or not run.is_training or (task and run.task != task):
             continue
         if (seeds is not None and run.seed not in seeds) or method_of(run.controller, run.params) != method:
