@@ -35,7 +35,8 @@ def _pair(text: str) -> tuple[str, list[dict[str, Any]]]:
 
 
 def _row(method: str, per_seed: list[dict[str, Any]], note: str) -> dict[str, Any]:
-    """One method's row from one dict per seed (compute, val, test): the means, and the tests' sample std."""
+    """One method's row from one dict per seed (compute, val, test; in seed order): the means, and the tests' sample
+    std."""
     tests = [r["test"] for r in per_seed if r["test"] is not None]
     vals = [r["val"] for r in per_seed if r["val"] is not None]
     return {"method": method, "compute": statistics.fmean(r["compute"] for r in per_seed), "seeds": len(per_seed),
@@ -93,7 +94,7 @@ def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         experiment, _, method = spec.partition(":")
         method, _, lr = method.partition("@")
         per = []
-        for by_lr in _store_runs(args.store, experiment, method, args.task, seeds).values():
+        for by_lr in (v for _, v in sorted(_store_runs(args.store, experiment, method, args.task, seeds).items())):
             picked = [v for k, v in by_lr.items() if not lr or math.isclose(k, float(lr), rel_tol=1e-9)]
             if picked:
                 budget, steps, final = picked[0]
@@ -103,7 +104,7 @@ def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     for name, spec in (item.partition("=")[::2] for item in args.store_grid or []):
         experiment, _, method = spec.partition(":")
         per, picks = [], []
-        for by_lr in _store_runs(args.store, experiment, method, args.task, seeds).values():
+        for by_lr in (v for _, v in sorted(_store_runs(args.store, experiment, method, args.task, seeds).items())):
             budget = max(b for b, _, _ in by_lr.values())
             lr0, (_, _, final) = better(by_lr.items(), key=lambda kv: kv[1][2].get(val_key, math.nan))
             per.append({"compute": sum(s for _, s, _ in by_lr.values()) / budget, "val": final.get(val_key),
