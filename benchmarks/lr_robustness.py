@@ -23,29 +23,38 @@ from pathlib import Path
 SEARCH = ("static", "cosine")
 
 
+def finished_runs(uri: str, experiments: list[str], task: str, seeds: set[int] | None):
+    """(experiment, method, lr0, run, result) of every finished training run of ``task`` with an initial rate and a
+    final result in the experiments; ``seeds`` keeps only those seeds. One walk of the store for every table."""
+    from metacore.core.tracking import MlflowTracker
+
+    source = MlflowTracker(uri, create=False)
+    for exp in experiments:
+        for run in source.experiment_runs(exp):
+            if run.status != "FINISHED" or not run.is_training or (task and run.task != task):
+                continue
+            if seeds is not None and run.seed not in seeds:
+                continue
+            result = json.loads(run.tags.get("metacore.result", "{}"))
+            if "final" in result and "hparam.lr" in run.params:
+                yield exp, method_of(run.controller, run.params), float(run.params["hparam.lr"]), run, result
+
+
 def collect(uri: str, experiments: list[str], task: str, metric: str, preset: str, seeds: set[int] | None,
             controller: str = "", controller_from: list[str] | None = None):
     """{method: {lr0: {seed: (value, compute_ratio, diverged)}}} from the finished training runs; the judged
     ``controller``'s runs only from ``controller_from`` when given (an earlier version's runs stay out)."""
-    from metacore.core.tracking import MlflowTracker
-
-    source = MlflowTracker(uri, create=False)
     table: dict[str, dict[float, dict[int, tuple]]] = defaultdict(lambda: defaultdict(dict))
-    for exp in experiments:
-        for run in source.experiment_runs(exp):
-            if run.status != "FINISHED" or not run.is_training or run.task != task:
-                continue
-            if run.params.get("preset") != preset or (seeds is not None and run.seed not in seeds):
-                continue
-            method = method_of(run.controller, run.params)
-            if controller_from is not None and method == controller and exp not in controller_from:
-                continue
-            result = json.loads(run.tags.get("metacore.result", "{}"))
-            value = result.get("final", {}).get(metric)
-            if value is None or "hparam.lr" not in run.params:
-                continue
-            table[method][float(run.params["hparam.lr"])][run.seed] = (
-                float(value), float(result.get("compute_ratio", 1.0)), bool(result.get("diverged", False)))
+    for exp, method, lr0, run, result in finished_runs(uri, experiments, task, seeds):
+        if run.params.get("preset") != preset:
+            continue
+        if controller_from is not None and method == controller and exp not in controller_from:
+            continue
+        value = result["final"].get(metric)
+        if value is None:
+            continue
+        table[method][lr0][run.seed] = (
+            float(value), float(result.get("compute_ratio", 1.0)), bool(result.get("diverged", False)))
     return table
 
 

@@ -46,24 +46,15 @@ def _row(method: str, per_seed: list[dict[str, Any]], note: str) -> dict[str, An
 
 def _store_runs(uri: str, experiments: str, method: str, task: str, seeds: set[int] | None):
     """{seed: {lr0: (budget, steps, final)}} of the finished training runs of ``method`` in the experiments
-    (comma-separated)."""
-    from lr_robustness import method_of  # noqa: PLC0415  (a sibling script: one definition of a method's name)
-
-    from metacore.core.tracking import MlflowTracker
+    (comma-separated), in seed order."""
+    from lr_robustness import finished_runs  # noqa: PLC0415  (a sibling script: one walk of the store)
 
     out: dict[int, dict[float, tuple]] = {}
-    store = MlflowTracker(uri, create=False)
-    for run in (r for experiment in experiments.split(",") for r in store.experiment_runs(experiment)):
-        if run.status != "FINISHED" or not run.is_training or (task and run.task != task):
-            continue
-        if (seeds is not None and run.seed not in seeds) or method_of(run.controller, run.params) != method:
-            continue
-        result = json.loads(run.tags.get("metacore.result", "{}"))
-        if "final" in result and "hparam.lr" in run.params:
-            out.setdefault(run.seed, {})[float(run.params["hparam.lr"])] = (
-                int(run.params.get("budget_steps", result.get("steps", 0))), int(result.get("steps", 0)),
-                result["final"])
-    return out
+    for _, name, lr0, run, result in finished_runs(uri, experiments.split(","), task, seeds):
+        if name == method:
+            steps = int(result.get("steps", 0))
+            out.setdefault(run.seed, {})[lr0] = (int(run.params.get("budget_steps", steps)), steps, result["final"])
+    return dict(sorted(out.items()))
 
 
 def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -94,7 +85,7 @@ def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
         experiment, _, method = spec.partition(":")
         method, _, lr = method.partition("@")
         per = []
-        for by_lr in (v for _, v in sorted(_store_runs(args.store, experiment, method, args.task, seeds).items())):
+        for by_lr in _store_runs(args.store, experiment, method, args.task, seeds).values():
             picked = [v for k, v in by_lr.items() if not lr or math.isclose(k, float(lr), rel_tol=1e-9)]
             if picked:
                 budget, steps, final = picked[0]
@@ -104,7 +95,7 @@ def rows(args: argparse.Namespace) -> list[dict[str, Any]]:
     for name, spec in (item.partition("=")[::2] for item in args.store_grid or []):
         experiment, _, method = spec.partition(":")
         per, picks = [], []
-        for by_lr in (v for _, v in sorted(_store_runs(args.store, experiment, method, args.task, seeds).items())):
+        for by_lr in _store_runs(args.store, experiment, method, args.task, seeds).values():
             budget = max(b for b, _, _ in by_lr.values())
             lr0, (_, _, final) = better(by_lr.items(), key=lambda kv: kv[1][2].get(val_key, math.nan))
             per.append({"compute": sum(s for _, s, _ in by_lr.values()) / budget, "val": final.get(val_key),
@@ -122,7 +113,7 @@ def main() -> None:
     p.add_argument("--run", action="append", metavar="NAME=JSON", help="`metacore run --json` output")
     p.add_argument("--grid", action="append", metavar="NAME=JSON", help="`metacore bench --json` output")
     p.add_argument("--tune", action="append", metavar="NAME=JSON", help="`metacore tune --json` output")
-    p.add_argument("--store", default="sqlite:///mlflow_runs/mlflow.db", help="MLflow store for --store-*")
+    p.add_argument("--store", default=None, help="MLflow store for --store-* (default: metacore's)")
     p.add_argument("--store-run", action="append", metavar="NAME=EXPERIMENT:METHOD[@LR]",
                    help="one run per seed from the store")
     p.add_argument("--store-grid", action="append", metavar="NAME=EXPERIMENT:METHOD",
@@ -132,6 +123,10 @@ def main() -> None:
     p.add_argument("--plot", help="PNG of final test metric against compute multiple")
     p.add_argument("--json", help="write the rows here")
     args = p.parse_args()
+    if args.store is None:
+        from metacore.core.store import default_tracking_uri
+
+        args.store = default_tracking_uri()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     table = rows(args)
     print(f"| method | compute multiple | seeds | val/{args.metric} | test/{args.metric} (mean ± std) | what |")

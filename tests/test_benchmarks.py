@@ -111,3 +111,25 @@ def test_tune_compare_averages_seeds_and_counts_compute(tmp_path):
     assert by["pbt"]["test"] == pytest.approx(0.50) and by["pbt"]["test_std"] == pytest.approx(2 ** 0.5 * 0.02)
     # the grid: per seed the best rate by validation (0.1 on seed 0, 0.01 on seed 1), its test score; 2 runs = 2x
     assert by["g"]["tests"] == [0.45, 0.55] and by["g"]["compute"] == 2.0
+
+
+def test_autolr_curves_replay_gives_the_controllers_own_peak():
+    """Replaying a recorded search through the peak rule must give the peak the run itself took, and other options
+    must change it (the offline check the edge was chosen with)."""
+    import importlib.util
+
+    from tests.test_autolr import _drive, _flat_then_up
+
+    spec = importlib.util.spec_from_file_location("autolr_curves", REPO / "benchmarks" / "autolr_curves.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from metacore.controllers.autolr import AutoLRController
+
+    ctl = AutoLRController()
+    _drive(ctl, 600, _flat_then_up(0.1, 3), lr0=1e-4)
+    curve = {"task": "t", "seed": 0, "lr0": 1e-4, "stop_lr": ctl.stop_lr, "peak": ctl.peak,
+             "curve_lr": ctl.curve_lr, "curve_loss": ctl.curve_loss}
+    [same] = mod.replay([curve], {})
+    assert same["peak"] == pytest.approx(ctl.peak) and same["edge_lr"] == ctl.edge_lr
+    [off] = mod.replay([curve], {"edge_rise": "0"})
+    assert off["edge_lr"] == 0.0 and off["peak"] < same["peak"]

@@ -182,17 +182,10 @@ class AutoLRController(Controller):
                 self.stop_lr = self.lr
                 peak = self.lr / self.config["backoff"] if past else self.lr
                 self.centered_lr, self.edge_lr = self._centered_minimum_and_edge()
-                if past and self.kept_step >= 0:
-                    self._request = "go_back"  # undo what the steps past the minimum did to the weights
-                if past and self.centered_lr > 0:
-                    # where the loss was lowest, without the EMA's lag; on a flat curve that minimum lands anywhere
-                    # below the rise, which stays put: a quarter of the rate where the loss has risen is kept
-                    lowest = self.centered_lr
-                    if self.edge_lr > 0:
-                        lowest = max(lowest, self.edge_lr / self.config["edge_backoff"])
-                    peak = min(peak, lowest)
-                elif past and self.kept_step >= 0:
-                    peak = min(peak, self.kept_lr)  # never above a rate the loss was still at its minimum with
+                if past:
+                    peak = self.capped(peak)
+                    if self.kept_step >= 0:
+                        self._request = "go_back"  # undo what the steps past the minimum did to the weights
                 self.peak = spec.clip(peak)
                 self.phase, self.search_end = ANNEAL, state.step
                 self.ema_min = self._smoothed
@@ -208,6 +201,20 @@ class AutoLRController(Controller):
                 self.ema_min = self._smoothed
         self.lr = spec.clip(self._annealed(state.step, state.budget))
         return {self.lr_name: self.lr} if self.lr != state.hparams.get(self.lr_name) else {}
+
+    def capped(self, peak: float) -> float:
+        """``peak`` (the stop rate over ``backoff``) capped where the loss was lowest, from ``centered_lr`` and
+        ``edge_lr`` (set by the search's end; ``benchmarks/autolr_curves.py`` replays recorded curves through it)."""
+        if self.centered_lr > 0:
+            # where the loss was lowest, without the EMA's lag; on a flat curve that minimum lands anywhere below the
+            # rise, which stays put: a quarter of the rate where the loss has risen is kept
+            lowest = self.centered_lr
+            if self.edge_lr > 0:
+                lowest = max(lowest, self.edge_lr / self.config["edge_backoff"])
+            return min(peak, lowest)
+        if self.kept_step >= 0:
+            return min(peak, self.kept_lr)  # never above a rate the loss was still at its minimum with
+        return peak
 
     def _centered_minimum_and_edge(self) -> tuple[float, float]:
         """The rate at the minimum of the search's losses averaged over ``window`` steps either side, and the edge:

@@ -1,0 +1,88 @@
+"""Record ``autolr``'s search curves (the rate and loss of each search step) and what it read off them, or replay
+recorded curves through the peak rule with other options, offline. This is how the edge (docs/controllers.md) was
+chosen: the second version's searches were recorded, then the rule was replayed on them before any run.
+
+    OMP_NUM_THREADS=1 python benchmarks/autolr_curves.py record --task cifar10 --seeds 0,1,2 \
+        --lrs 1e-4,1e-3,1e-2,1e-1,1.0 --data-dir ../shared/data --out curves-cifar10.json
+    python benchmarks/autolr_curves.py replay curves-cifar10.json --set edge_rise=0
+
+``record`` trains only the search (at most ``search_frac`` of the `small` budget) of each (seed, rate); the search is
+the run's own first steps, so its curve is the one a full `metacore run` would see. ``replay`` prints, per curve,
+the peak the rule gives with the options of ``--set`` (stop/backoff, the centred minimum, the edge).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def record(task_name: str, seeds: list[int], lrs: list[float], data_dir: str, preset: str) -> list[dict]:
+    from metacore.controllers.autolr import AutoLRController
+    from metacore.core.registry import load_registry
+    from metacore.core.trainer import Trainer, TrainerConfig
+    from metacore.testing import task_context
+
+    task = load_registry(entry_points=False).task(task_name).obj()
+    out = []
+    for seed in seeds:
+        for lr0 in lrs:
+            ctx = task_context(task, preset, seed, data_dir, {"lr": lr0})
+            config = TrainerConfig(budget=ctx.preset.steps, log_interval=ctx.preset.log_interval, eval_interval=10**9)
+            ctl = AutoLRController()
+            trainer = Trainer(task, ctl, ctx, ctx.hparams, config)
+            while ctl.phase == "search":
+                trainer.advance(1)
+            row = {"task": task_name, "seed": seed, "lr0": lr0, "stop_lr": ctl.stop_lr, "kept_lr": ctl.kept_lr,
+                   "centered_lr": ctl.centered_lr, "edge_lr": ctl.edge_lr, "peak": ctl.peak, "end": ctl.search_end}
+            print(json.dumps(row), flush=True)
+            out.append({**row, "curve_lr": ctl.curve_lr, "curve_loss": ctl.curve_loss})
+    return out
+
+
+def replay(curves: list[dict], options: dict[str, float]) -> list[dict]:
+    """The peak of the rule with ``options`` on each recorded curve (a search that stopped past its minimum)."""
+    from metacore.controllers.autolr import AutoLRController
+
+    rows = []
+    for r in curves:
+        ctl = AutoLRController(**options)
+        ctl.curve_lr, ctl.curve_loss = r["curve_lr"], r["curve_loss"]
+        ctl.centered_lr, ctl.edge_lr = ctl._centered_minimum_and_edge()
+        peak = ctl.capped(r["stop_lr"] / ctl.config["backoff"])
+        rows.append({"task": r["task"], "seed": r["seed"], "lr0": r["lr0"], "recorded_peak": r["peak"],
+                     "centered_lr": ctl.centered_lr, "edge_lr": ctl.edge_lr, "peak": peak})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    rec = sub.add_parser("record")
+    rec.add_argument("--task", required=True)
+    rec.add_argument("--seeds", default="0")
+    rec.add_argument("--lrs", required=True, help="comma-separated initial rates")
+    rec.add_argument("--preset", default="small")
+    rec.add_argument("--data-dir", default="../shared/data")
+    rec.add_argument("--out", required=True)
+    rep = sub.add_parser("replay")
+    rep.add_argument("curves", nargs="+", help="files written by record")
+    rep.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE", help="autolr option (repeatable)")
+    args = p.parse_args()
+    if args.command == "record":
+        curves = record(args.task, [int(s) for s in args.seeds.split(",")], [float(x) for x in args.lrs.split(",")],
+                        args.data_dir, args.preset)
+        Path(args.out).write_text(json.dumps(curves))
+        return
+    options = dict(item.partition("=")[::2] for item in args.set)  # parsed and checked by the controller's specs
+    curves = [c for path in args.curves for c in json.loads(Path(path).read_text())]
+    print("| task | seed | initial lr | recorded peak | centred minimum | edge | peak |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in replay(curves, options):
+        print(f"| {r['task']} | {r['seed']} | {r['lr0']:g} | {r['recorded_peak']:.4f} | {r['centered_lr']:.4f} | "
+              f"{r['edge_lr']:.4f} | {r['peak']:.4f} |")
+
+
+if __name__ == "__main__":
+    main()
