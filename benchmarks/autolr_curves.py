@@ -3,7 +3,7 @@ recorded curves through the peak rule with other options, offline. This is how t
 chosen: the second version's searches were recorded, then the rule was replayed on them before any run.
 
     OMP_NUM_THREADS=1 python benchmarks/autolr_curves.py record --task cifar10 --seeds 0,1,2 \
-        --lrs 1e-4,1e-3,1e-2,1e-1,1.0 --data-dir ../shared/data --out curves-cifar10.json
+        --lrs 1e-4,1e-3,1e-2,1e-1,1.0 --data-dir ../shared/data --out curves-cifar10.json [--optimizer adamw]
     python benchmarks/autolr_curves.py replay curves-cifar10.json --set edge_rise=0
 
 ``record`` trains only the search (at most ``search_frac`` of the `small` budget) of each (seed, rate); the search is
@@ -18,13 +18,16 @@ import json
 from pathlib import Path
 
 
-def record(task_name: str, seeds: list[int], lrs: list[float], data_dir: str, preset: str) -> list[dict]:
+def record(task_name: str, seeds: list[int], lrs: list[float], data_dir: str, preset: str,
+           optimizer: str | None = None) -> list[dict]:
     from metacore.controllers.autolr import AutoLRController
+    from metacore.core.optimizer import select_optimizer
     from metacore.core.registry import load_registry
     from metacore.core.trainer import Trainer, TrainerConfig
     from metacore.testing import task_context
 
-    task = load_registry(entry_points=False).task(task_name).obj()
+    registry = load_registry(entry_points=False)
+    task, _, _ = select_optimizer(registry, registry.task(task_name).obj(), optimizer, {})
     out = []
     for seed in seeds:
         for lr0 in lrs:
@@ -34,7 +37,8 @@ def record(task_name: str, seeds: list[int], lrs: list[float], data_dir: str, pr
             trainer = Trainer(task, ctl, ctx, ctx.hparams, config)
             while ctl.phase == "search":
                 trainer.advance(1)
-            row = {"task": task_name, "seed": seed, "lr0": lr0, "stop_lr": ctl.stop_lr, "kept_lr": ctl.kept_lr,
+            row = {"task": task_name, "optimizer": optimizer or "default", "seed": seed, "lr0": lr0,
+                   "stop_lr": ctl.stop_lr, "kept_lr": ctl.kept_lr,
                    "centered_lr": ctl.centered_lr, "edge_lr": ctl.edge_lr, "peak": ctl.peak, "end": ctl.search_end}
             print(json.dumps(row), flush=True)
             out.append({**row, "curve_lr": ctl.curve_lr, "curve_loss": ctl.curve_loss})
@@ -64,6 +68,7 @@ def main() -> None:
     rec.add_argument("--seeds", default="0")
     rec.add_argument("--lrs", required=True, help="comma-separated initial rates")
     rec.add_argument("--preset", default="small")
+    rec.add_argument("--optimizer", default=None, help="a registered optimizer (default: the task's own)")
     rec.add_argument("--data-dir", default="../shared/data")
     rec.add_argument("--out", required=True)
     rep = sub.add_parser("replay")
@@ -72,7 +77,7 @@ def main() -> None:
     args = p.parse_args()
     if args.command == "record":
         curves = record(args.task, [int(s) for s in args.seeds.split(",")], [float(x) for x in args.lrs.split(",")],
-                        args.data_dir, args.preset)
+                        args.data_dir, args.preset, args.optimizer)
         Path(args.out).write_text(json.dumps(curves))
         return
     options = dict(item.partition("=")[::2] for item in args.set)  # parsed and checked by the controller's specs

@@ -133,3 +133,19 @@ def test_autolr_curves_replay_gives_the_controllers_own_peak():
     assert same["peak"] == pytest.approx(ctl.peak) and same["edge_lr"] == ctl.edge_lr
     [off] = mod.replay([curve], {"edge_rise": "0"})
     assert off["edge_lr"] == 0.0 and off["peak"] < same["peak"]
+
+
+def test_autolr_curves_record_searches_with_the_chosen_optimizer():
+    """``record --optimizer`` must run the search on that optimizer: the rate grows every step from the hint, and
+    the losses differ from the task's own optimizer's from the same start."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("autolr_curves", REPO / "benchmarks" / "autolr_curves.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    [adam] = mod.record("digits", [0], [1e-3], None, "smoke", "adam")
+    [own] = mod.record("digits", [0], [1e-3], None, "smoke")
+    assert (adam["optimizer"], own["optimizer"]) == ("adam", "default")
+    assert len(adam["curve_lr"]) >= 3 and all(b > a for a, b in zip(adam["curve_lr"], adam["curve_lr"][1:]))
+    assert adam["curve_lr"][0] == pytest.approx(own["curve_lr"][0])
+    assert adam["curve_loss"] != own["curve_loss"]
