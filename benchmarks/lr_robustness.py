@@ -166,9 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     metric = args.metric or f"test/{task.primary_metric}"
     direction = task.metrics.get(metric.split("/", 1)[-1], task.direction)
     seeds = {int(s) for s in args.seeds.split(",")} if args.seeds else None
-    table = collect(args.tracking_uri, [e for e in args.experiments.split(",") if e], args.task, metric,
-                    args.preset, seeds, args.controller,
-                    [e for e in args.controller_from.split(",") if e] if args.controller_from else None)
+    from metacore.core.errors import UsageError
+
+    try:
+        table = collect(args.tracking_uri, [e for e in args.experiments.split(",") if e], args.task, metric,
+                        args.preset, seeds, args.controller,
+                        [e for e in args.controller_from.split(",") if e] if args.controller_from else None)
+    except UsageError as exc:  # an experiment that is not in the store: one line, exit 2
+        print(f"lr_robustness: {exc}", file=sys.stderr)
+        return 2
     if args.others is not None:
         keep = {args.controller, *SEARCH, *(m for m in args.others.split(",") if m)}
         table = {m: cell for m, cell in table.items() if m in keep}

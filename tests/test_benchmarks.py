@@ -82,6 +82,18 @@ def test_lr_robustness_summary_judges_against_the_best_of_the_search(tmp_path):
         assert low["rows"][0]["meets_goal"] is ok
 
 
+def test_lr_robustness_names_a_missing_store_in_one_line(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("lr_robustness", REPO / "benchmarks" / "lr_robustness.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    rc = mod.main(["--task", "digits", "--experiments", "no-such-experiment",
+                   "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "mlflow.db" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
 def test_tune_compare_averages_seeds_and_counts_compute(tmp_path):
     import argparse
     import importlib.util
