@@ -8,13 +8,15 @@ chosen: the second version's searches were recorded, then the rule was replayed 
 
 ``record`` trains only the search (at most ``search_frac`` of the `small` budget) of each (seed, rate); the search is
 the run's own first steps, so its curve is the one a full `metacore run` would see. ``replay`` prints, per curve,
-the peak the rule gives with the options of ``--set`` (stop/backoff, the centred minimum, the edge).
+the peak the rule gives with the options of ``--set`` (stop/backoff, the centred minimum, the edge), and how flat the
+curve was (how far its centred loss fell to the minimum, and how far above the minimum it is at the edge's floor).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 
@@ -45,8 +47,28 @@ def record(task_name: str, seeds: list[int], lrs: list[float], data_dir: str, pr
     return out
 
 
+def shape(curve_lr: list[float], curve_loss: list[float], window: int, centred: float, floor: float) -> dict:
+    """How flat a search curve is, on the controller's centred averages (``window`` steps either side, whole windows
+    where there are some): ``fall``, the fraction the average fell from the first whole window to the minimum at
+    ``centred``; ``at_floor``, the fraction the average at the rate nearest ``floor`` lies above that minimum."""
+    n = len(curve_loss)
+    if n < 2 or window <= 0 or centred <= 0:
+        return {"fall": math.nan, "at_floor": math.nan}
+
+    def mean(i: int) -> float:
+        lo, hi = max(0, i - window), min(n, i + window + 1)
+        return sum(curve_loss[lo:hi]) / (hi - lo)
+
+    first = window if n > 2 * window else 0
+    lowest = mean(curve_lr.index(centred))
+    near = min(range(n), key=lambda i: abs(math.log(curve_lr[i] / floor))) if floor > 0 else None
+    return {"fall": 1 - lowest / mean(first),
+            "at_floor": mean(near) / lowest - 1 if near is not None else math.nan}
+
+
 def replay(curves: list[dict], options: dict[str, float]) -> list[dict]:
-    """The peak of the rule with ``options`` on each recorded curve (a search that stopped past its minimum)."""
+    """The peak of the rule with ``options`` on each recorded curve (a search that stopped past its minimum), and
+    the curve's shape there (:func:`shape`, at the floor ``edge_lr / edge_backoff``)."""
     from metacore.controllers.autolr import AutoLRController
 
     rows = []
@@ -55,8 +77,11 @@ def replay(curves: list[dict], options: dict[str, float]) -> list[dict]:
         ctl.curve_lr, ctl.curve_loss = r["curve_lr"], r["curve_loss"]
         ctl.centered_lr, ctl.edge_lr = ctl._centered_minimum_and_edge()
         peak = ctl.capped(r["stop_lr"] / ctl.config["backoff"])
-        rows.append({"task": r["task"], "seed": r["seed"], "lr0": r["lr0"], "recorded_peak": r["peak"],
-                     "centered_lr": ctl.centered_lr, "edge_lr": ctl.edge_lr, "peak": peak})
+        floor = ctl.edge_lr / ctl.config["edge_backoff"]
+        rows.append({"task": r["task"], "optimizer": r.get("optimizer", "default"), "seed": r["seed"],
+                     "lr0": r["lr0"], "recorded_peak": r["peak"], "centered_lr": ctl.centered_lr,
+                     "edge_lr": ctl.edge_lr, "peak": peak,
+                     **shape(ctl.curve_lr, ctl.curve_loss, ctl.config["window"], ctl.centered_lr, floor)})
     return rows
 
 
@@ -82,11 +107,13 @@ def main() -> None:
         return
     options = dict(item.partition("=")[::2] for item in args.set)  # parsed and checked by the controller's specs
     curves = [c for path in args.curves for c in json.loads(Path(path).read_text())]
-    print("| task | seed | initial lr | recorded peak | centred minimum | edge | peak |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| task | optimizer | seed | initial lr | recorded peak | centred minimum | edge | peak | fall to the "
+          "minimum | above it at edge/edge_backoff |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in replay(curves, options):
-        print(f"| {r['task']} | {r['seed']} | {r['lr0']:g} | {r['recorded_peak']:.4f} | {r['centered_lr']:.4f} | "
-              f"{r['edge_lr']:.4f} | {r['peak']:.4f} |")
+        print(f"| {r['task']} | {r['optimizer']} | {r['seed']} | {r['lr0']:g} | {r['recorded_peak']:.4f} | "
+              f"{r['centered_lr']:.4f} | {r['edge_lr']:.4f} | {r['peak']:.4f} | {r['fall']:.3f} | "
+              f"{r['at_floor']:.3f} |")
 
 
 if __name__ == "__main__":
