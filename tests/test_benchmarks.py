@@ -164,3 +164,49 @@ def test_autolr_curves_record_searches_with_the_chosen_optimizer():
     assert len(lrs) >= 3 and all(lrs[i + 1] > lrs[i] for i in range(len(lrs) - 1))
     assert adam["curve_lr"][0] == pytest.approx(own["curve_lr"][0])
     assert adam["curve_loss"] != own["curve_loss"]
+
+
+def _load_script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_loto_table_pairs_the_policy_with_static_at_the_default_and_the_rule_at_each_start():
+    mod = _load_script("loto_table")
+    table = {
+        "static": {0.01: {0: (0.40, 1.0, False), 1: (0.42, 1.0, False), 2: (0.45, 1.0, False)},
+                   0.1: {0: (0.90, 1.0, False)}},  # another rate: never the comparison
+        "autolr": {0.01: {0: (0.50, 1.0, False), 1: (0.50, 1.0, False), 2: (0.50, 1.0, False)},
+                   1e-4: {0: (0.48, 1.0, False), 1: (0.49, 1.0, False)}},
+        "ppo": {0.01: {0: (0.51, 1.0, False), 1: (0.41, 1.0, False), 2: (0.44, 1.0, False)},
+                1e-4: {0: (0.50, 1.0, False), 1: (0.47, 1.0, False)}},
+    }
+    summary = mod.summarise(table, 0.01, "max")
+    rows = {r["lr0"]: r for r in summary["rows"]}
+    d = rows[0.01]
+    assert d["default"] and not rows[1e-4]["default"]
+    assert d["vs_static"]["delta_by_seed"] == {0: pytest.approx(0.11), 1: pytest.approx(-0.01),
+                                               2: pytest.approx(-0.01)}
+    assert (d["vs_static"]["wins"], d["vs_static"]["losses"]) == (1, 2)
+    assert not d["beats_static"]  # a better mean from one seed is not "2 of 3 seeds"
+    assert not d["at_least_reference"]  # 0.4533 < 0.50
+    assert rows[1e-4]["at_least_reference"]  # 0.485 = 0.485
+    assert rows[1e-4]["vs_reference"]["ties"] == 0 and rows[1e-4]["vs_reference"]["seeds"] == [0, 1]
+    text = mod.markdown(summary, "test/accuracy")
+    assert "does not beat static" in text and "below autolr" in text and "1/2/0" in text
+    # lower is better: a smaller error counts as a win
+    low = mod.summarise({"static": {1.0: {0: (2.0, 1, False), 1: (2.0, 1, False)}},
+                         "ppo": {1.0: {0: (1.5, 1, False), 1: (1.9, 1, False)}}}, 1.0, "min")
+    assert low["rows"][0]["beats_static"] and low["rows"][0]["vs_static"]["wins"] == 2
+
+
+def test_loto_table_names_a_missing_experiment_in_one_line(tmp_path, capsys):
+    mod = _load_script("loto_table")
+    rc = mod.main(["--task", "digits", "--experiments", "no-such-experiment",
+                   "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
