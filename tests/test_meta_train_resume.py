@@ -37,15 +37,21 @@ def test_killed_meta_train_resumes_to_the_same_policy(tmp_path, monkeypatch):
         return path
 
     monkeypatch.setattr(meta_checkpoint, "save", killed_after_3)
+    from metacore.app import runner
+
+    monkeypatch.setattr(runner, "git_commit", lambda: "commit-at-start")
     with pytest.raises(KeyboardInterrupt):
         meta_train(_req(tmp_path / "b"), tracker=tracker, progress=False)
     monkeypatch.setattr(meta_checkpoint, "save", real_save)
+    monkeypatch.setattr(runner, "git_commit", lambda: "commit-at-resume")  # the tree moved meanwhile
     assert [p.name for p in meta_checkpoint.checkpoints(tmp_path / "b" / "checkpoint")] == [
         "ckpt-000002.json", "ckpt-000003.json"]  # the newest two are kept
     assert not (tmp_path / "b" / "policy.json").exists()
 
     spec = meta_train(_req(tmp_path / "b"), tracker=tracker, progress=False, resume=True)
     assert spec["training"]["resumed"] and spec["training"]["timesteps"] == 24
+    assert spec["training"]["commit"] == "commit-at-start"  # the code that started it, as in its MLflow params
+    assert tracker.get_run(spec["training"]["mlflow_run_id"]).params["git.commit"] == "commit-at-start"
     a, b = load_file(str(tmp_path / "a" / "policy.safetensors")), load_file(str(tmp_path / "b" / "policy.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     _, end_a = meta_checkpoint.latest(tmp_path / "a" / "checkpoint")

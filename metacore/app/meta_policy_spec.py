@@ -18,13 +18,12 @@ if TYPE_CHECKING:
 
 def policy_spec(req: MetaTrainRequest, model: Any, venv: Any, envs: list[Any], callback: Any, *,
                 features: list[str], intervals: dict[str, int], ppo_params: dict[str, Any], run_id: str,
-                bc: dict[str, Any], wall: float, resumed: bool) -> dict[str, Any]:
-    """The spec of the policy ``model`` holds after meta-training (``evaluation``: None, for the caller to fill)."""
+                bc: dict[str, Any], wall: float, resumed: bool, commit: str) -> dict[str, Any]:
+    """The spec of the policy ``model`` holds after meta-training (``evaluation``: None, for the caller to fill);
+    ``commit``: the code's commit when the meta-training started (not when it ended: the tree may move meanwhile)."""
     import torch
 
     from metacore.app.meta_request import PPO_DEFAULTS
-    from metacore.app.runner import git_commit
-
     data_dir = req.data_dir
     timesteps_done = int(model.num_timesteps)
     bc_steps = dict(bc.get("inner_steps_per_task") or {})
@@ -43,7 +42,7 @@ def policy_spec(req: MetaTrainRequest, model: Any, venv: Any, envs: list[Any], c
         "network": {"hidden": list(PPO_DEFAULTS["hidden"]), "activation": "tanh",
                     "library": "stable-baselines3 MlpPolicy actor (deterministic action = mean, clipped)"},
         "decisions": {"horizon": req.horizon, "intervals": intervals},
-        "training": {"command": req.command, "commit": git_commit(), "tasks": list(req.tasks),
+        "training": {"command": req.command, "commit": commit, "tasks": list(req.tasks),
                      "hold_out": req.hold_out, "preset": req.preset, "timesteps": timesteps_done,
                      "inner_steps": inner, "run_equivalents": round(run_equiv, 2),
                      "episodes": sum(callback.episodes.values()), "wall_s": round(wall, 1), "seed": req.seed,

@@ -109,7 +109,9 @@ def meta_train(req: MetaTrainRequest, tracker: Any = None, progress: bool = True
                              f"{req.tracking_uri or 'sqlite:///mlflow_runs/mlflow.db'}")
         tracker.reopen(run_id)
         log_floor = tracker.last_logged_step(run_id)
+        commit = saved.get("commit") or git_commit()
     else:
+        commit = git_commit()
         run_id = tracker.start_run(
             req.experiment, f"meta-train {','.join(req.tasks)}" + (f" (hold out {req.hold_out})" if req.hold_out
                                                                    else ""),
@@ -117,12 +119,12 @@ def meta_train(req: MetaTrainRequest, tracker: Any = None, progress: bool = True
                   "metacore.checkpoint_dir": str(ckpt_dir.resolve())},
             params={"tasks": ",".join(req.tasks), "hold_out": req.hold_out or "none", "preset": req.preset,
                     "timesteps": req.timesteps, "horizon": req.horizon, "intervals": intervals, "seed": req.seed,
-                    "lr_spread": req.lr_spread, "features": ",".join(features), "git.commit": git_commit(),
+                    "lr_spread": req.lr_spread, "features": ",".join(features), "git.commit": commit,
                     "teacher": req.teacher or "none", "bc_episodes": req.bc_episodes, "reward": req.reward,
                     **{f"ppo.{k}": v for k, v in ppo_params.items()}})
         log_floor = -1
         meta_checkpoint.write_request(ckpt_dir, {**req.as_dict(), "out": str(Path(req.out).resolve()),
-                                                  "mlflow_run_id": run_id})
+                                                  "mlflow_run_id": run_id, "commit": commit})
     callback = MetaTrainCallback(tracker, run_id, req.timesteps, progress, log_floor=log_floor)
     start = time.perf_counter()
     status = "FAILED"
@@ -166,7 +168,7 @@ def meta_train(req: MetaTrainRequest, tracker: Any = None, progress: bool = True
     wall = wall_before + time.perf_counter() - start
     timesteps_done = int(model.num_timesteps)
     spec = policy_spec(req, model, venv, envs, callback, features=features, intervals=intervals,
-                       ppo_params=ppo_params, run_id=run_id, bc=bc, wall=wall, resumed=resume)
+                       ppo_params=ppo_params, run_id=run_id, bc=bc, wall=wall, resumed=resume, commit=commit)
     actor = extract_actor(model.policy)
     with torch.no_grad():
         sd = {k: v.clone() for k, v in actor.state_dict().items()}
