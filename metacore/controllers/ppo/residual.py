@@ -97,6 +97,8 @@ class Residual:
         out = {k: self.view[k] for k in raw if k not in self.residual}
         for h, r in self.residual.items():
             value = self.view[h] * math.exp(r) if r else self.view[h]
+            if r and self.space is not None and h in self.space:  # scaled past the task's bounds: clipped, as the
+                value = self.space.sanitize({h: value}, "ppo")[h]  # driver would (the value in force is the same)
             if h in raw or _float(value) != state.hparams.get(h):
                 out[h] = value
         return out
