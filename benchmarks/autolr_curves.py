@@ -111,8 +111,8 @@ def main() -> None:
           "minimum | above it at edge/edge_backoff |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in replay(curves, options):
-        print(f"| {r['task']} | {r['optimizer']} | {r['seed']} | {r['lr0']:g} | {r['recorded_peak']:.4f} | "
-              f"{r['centered_lr']:.4f} | {r['edge_lr']:.4f} | {r['peak']:.4f} | {r['fall']:.3f} | "
+        print(f"| {r['task']} | {r['optimizer']} | {r['seed']} | {r['lr0']:g} | {r['recorded_peak']:.3g} | "
+              f"{r['centered_lr']:.3g} | {r['edge_lr']:.3g} | {r['peak']:.3g} | {r['fall']:.3f} | "
               f"{r['at_floor']:.3f} |")
 
 
