@@ -270,6 +270,10 @@ def test_shipped_default_policy_loads_and_records_its_provenance():
     assert "digits" not in tr["tasks"] and len(tr["tasks"]) >= 1
     assert tr["command"].startswith("metacore meta-train") and tr["timesteps"] > 0 and tr["wall_s"] > 0
     assert tr["inner_steps"] > 0 and tr["commit"]
+    import os
+
+    assert not any(os.path.isabs(word) for word in tr["command"].split()), tr["command"]  # no machine's paths
+    assert not (tr.get("data_dir") and os.path.isabs(tr["data_dir"])), tr["data_dir"]
     features = policy.spec["observation"]["features"]
     assert features[: len(FEATURES)] == list(FEATURES)  # the features this version computes (+ the residual's)
     out = policy.act([0.0] * len(features))

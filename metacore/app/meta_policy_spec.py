@@ -51,7 +51,7 @@ def policy_spec(req: MetaTrainRequest, model: Any, venv: Any, envs: list[Any], c
                      "data": "real data: " + ", ".join(
                          f"{t} ({e.presets[t].description or req.preset})" for t, e in zip(req.tasks, envs,
                                                                                           strict=True)),
-                     "data_dir": str(Path(data_dir).resolve()) if data_dir else None,
+                     "data_dir": str(data_dir) if data_dir else None,  # as given (a policy ships; paths stay)
                      "data_sha256sums": _data_manifest(data_dir),
                      "resumed": bool(resumed),
                      "versions": {"torch": torch.__version__, "stable_baselines3": _version("stable_baselines3"),
