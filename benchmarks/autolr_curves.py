@@ -8,7 +8,8 @@ chosen: the second version's searches were recorded, then the rule was replayed 
 
 ``record`` trains only the search (at most ``search_frac`` of the `small` budget) of each (seed, rate); the search is
 the run's own first steps, so its curve is the one a full `metacore run` would see. ``replay`` prints, per curve,
-the peak the rule gives with the options of ``--set`` (stop/backoff, the centred minimum, the edge), and how flat the
+the peak the rule gives with the options of ``--set`` (stop/backoff, the centred minimum, the edge, a flat curve's
+plateau end), and how flat the
 curve was (how far its centred loss fell to the minimum, and how far above the minimum it is at the edge's floor).
 """
 
@@ -74,13 +75,13 @@ def replay(curves: list[dict], options: dict[str, float]) -> list[dict]:
     rows = []
     for r in curves:
         ctl = AutoLRController(**options)
-        ctl.curve_lr, ctl.curve_loss = r["curve_lr"], r["curve_loss"]
-        ctl.centered_lr, ctl.edge_lr = ctl._centered_minimum_and_edge()
+        ctl.curve_lr, ctl.curve_loss, ctl.hint = r["curve_lr"], r["curve_loss"], r["lr0"]
+        ctl.read_curve()
         peak = ctl.capped(r["stop_lr"] / ctl.config["backoff"])
         floor = ctl.edge_lr / ctl.config["edge_backoff"]
         rows.append({"task": r["task"], "optimizer": r.get("optimizer", "default"), "seed": r["seed"],
                      "lr0": r["lr0"], "recorded_peak": r["peak"], "centered_lr": ctl.centered_lr,
-                     "edge_lr": ctl.edge_lr, "peak": peak,
+                     "edge_lr": ctl.edge_lr, "flat_lr": ctl.flat_lr, "peak": peak,
                      **shape(ctl.curve_lr, ctl.curve_loss, ctl.config["window"], ctl.centered_lr, floor)})
     return rows
 
@@ -107,12 +108,12 @@ def main() -> None:
         return
     options = dict(item.partition("=")[::2] for item in args.set)  # parsed and checked by the controller's specs
     curves = [c for path in args.curves for c in json.loads(Path(path).read_text())]
-    print("| task | optimizer | seed | initial lr | recorded peak | centred minimum | edge | peak | fall to the "
-          "minimum | above it at edge/edge_backoff |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| task | optimizer | seed | initial lr | recorded peak | centred minimum | edge | flat curve: plateau end / flat_backoff | peak | "
+          "fall to the minimum | above it at edge/edge_backoff |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in replay(curves, options):
         print(f"| {r['task']} | {r['optimizer']} | {r['seed']} | {r['lr0']:g} | {r['recorded_peak']:.3g} | "
-              f"{r['centered_lr']:.3g} | {r['edge_lr']:.3g} | {r['peak']:.3g} | {r['fall']:.3f} | "
+              f"{r['centered_lr']:.3g} | {r['edge_lr']:.3g} | {r['flat_lr']:.3g} | {r['peak']:.3g} | {r['fall']:.3f} | "
               f"{r['at_floor']:.3f} |")
 
 

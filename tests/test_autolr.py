@@ -275,7 +275,7 @@ def test_on_a_flat_curve_the_edge_holds_the_peak_up():
         assert ctl.peak == pytest.approx(min(ctl.stop_lr / 10, max(ctl.centered_lr, ctl.edge_lr / 4)))
         peaks.append(ctl.peak)
         centred.append(ctl.centered_lr)
-        off = AutoLRController(edge_rise=0.0)
+        off = AutoLRController(edge_rise=0.0, flat_z=0.0)  # the edge alone: no flat-curve reading either
         _drive(off, 600, _flat_then_up(0.1, noise_seed), lr0=1e-4)
         assert off.edge_lr == 0.0 and off.peak <= off.centered_lr
         without.append(off.peak)
@@ -283,3 +283,78 @@ def test_on_a_flat_curve_the_edge_holds_the_peak_up():
     assert all(0.1 / 4 / 2 <= p <= 0.1 for p in peaks)
     assert max(centred) / min(centred) > 10  # ... while the minimum alone wanders over a decade or more
     assert min(without) < min(peaks) / 3
+
+
+def _plateau_then_jumps(end, noise_seed, level=0.693, noise=0.002):
+    """A loss at chance with small batch noise until the rate reaches ``end``, then jumping 8 % up every other step,
+    so that no centred average rises 10 % (no edge): an AdamW transformer's 19-step search (imdb)."""
+    import random
+
+    rng = random.Random(noise_seed)
+    up = [0.0]
+
+    def loss(lr, step):
+        if lr < end:
+            return level + rng.gauss(0.0, noise)
+        up[0] = 1.0 - up[0]
+        return level * (1 + 0.08 * up[0]) + rng.gauss(0.0, noise)
+    return loss
+
+
+def test_a_flat_curve_without_an_edge_takes_a_decade_below_where_the_plateau_ends():
+    """No edge and a minimum within the noise: the minimum is noise (it wanders over decades with the noise seed),
+    so the peak is the rate where the loss first leaves its plateau, over ``flat_backoff``; ``flat_z=0`` restores
+    the centred minimum."""
+    space = HParamSpace([HParamSpec("lr", 2e-5, 1e-8, 1e-2, log=True)])
+    peaks, centred = [], []
+    for noise_seed in range(8):
+        ctl = AutoLRController()
+        ctl.reset({"lr": 2e-5}, 0, space, 200)
+        lr, loss = 2e-5, _plateau_then_jumps(1e-3, noise_seed)
+        for step in range(200):
+            ctl.observe_gradients(_ctx(step, loss(lr, step)))
+            lr = ctl.act(_state(step, 200, lr)).get("lr", lr)
+        assert ctl.edge_lr == 0.0 and ctl.stop_lr == 1e-2  # no edge: the search ran to the task's bound
+        assert 1e-3 / 10 <= ctl.flat_lr <= 1e-3 * ctl.growth / 10
+        assert ctl.peak == pytest.approx(ctl.flat_lr)
+        assert ctl.diagnostics()["autolr_flat_lr"] == ctl.flat_lr
+        peaks.append(ctl.peak)
+        centred.append(ctl.centered_lr)
+        off = AutoLRController(flat_z=0.0)
+        off.reset({"lr": 2e-5}, 0, space, 200)
+        lr, loss = 2e-5, _plateau_then_jumps(1e-3, noise_seed)
+        for step in range(200):
+            off.observe_gradients(_ctx(step, loss(lr, step)))
+            lr = off.act(_state(step, 200, lr)).get("lr", lr)
+        assert off.flat_lr == 0.0 and off.peak == pytest.approx(off.centered_lr)
+    assert max(peaks) / min(peaks) < 2
+    assert max(centred) / min(centred) > 10
+
+
+def test_a_curve_that_never_leaves_its_plateau_keeps_the_hint():
+    space = HParamSpace([HParamSpec("lr", 2e-5, 1e-8, 1e-2, log=True)])
+    ctl = AutoLRController()
+    ctl.reset({"lr": 3e-5}, 0, space, 200)
+    lr, loss = 3e-5, _plateau_then_jumps(1.0, 0)  # the plateau outlasts the search
+    for step in range(200):
+        ctl.observe_gradients(_ctx(step, loss(lr, step)))
+        lr = ctl.act(_state(step, 200, lr)).get("lr", lr)
+    assert ctl.flat_lr == 3e-5 and ctl.peak == pytest.approx(3e-5)
+
+
+def test_a_falling_curve_without_an_edge_is_not_flat():
+    """A loss that falls by more than its noise (electricity's Adam searches: no edge, a fall of 5-11 noise
+    deviations) keeps its centred minimum."""
+    import random
+
+    rng = random.Random(0)
+    space = HParamSpace([HParamSpec("lr", 1e-3, 1e-8, 1.0, log=True)])
+    ctl = AutoLRController()
+    ctl.reset({"lr": 1e-3}, 0, space, 300)
+    lr = 1e-3
+    for step in range(300):
+        loss = 1.0 - 0.05 * math.log10(max(lr, 1e-5) / 1e-5) + rng.gauss(0.0, 0.01)
+        ctl.observe_gradients(_ctx(step, loss))
+        lr = ctl.act(_state(step, 300, lr)).get("lr", lr)
+    assert ctl.edge_lr == 0.0 and ctl.flat_lr == 0.0
+    assert ctl.peak == pytest.approx(min(ctl.stop_lr / 10, ctl.centered_lr))

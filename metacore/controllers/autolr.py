@@ -14,6 +14,11 @@ fixed rate (docs/results.md). ``autolr`` treats the user's initial rate as a *hi
    raised to ``edge / edge_backoff`` where that is larger — the edge being the first rate past that minimum whose
    average is ``edge_rise`` above it. On a curve flat until it turns up, noise places the minimum anywhere below the
    turn; the edge stays put. (Without a window, the rate in force when the kept weights were taken caps the peak.)
+   A curve that has no edge and whose centred minimum lies within ``flat_z`` noise deviations of its first window is
+   *flat*: the search taught nothing below the rates where the loss departs from its level (an AdamW transformer at
+   chance loss for its whole 19-step search, imdb), so its minimum is noise. Its peak is the rate of the first step
+   whose loss departs ``depart_z`` noise deviations from the median before it, divided by ``flat_backoff`` (the
+   classical range-test reading: a decade below where the loss leaves its plateau), or the hint if none departs.
 2. **Anneal**: hold the peak, then a cosine decay to ``min_factor × peak`` over the last ``decay_frac`` of the steps
    after the search, ending with the budget (``TrainingState.budget``) — a warmup-stable-decay shape (Hu et al. 2024;
    Hägele et al. 2024). At a fixed budget a decayed rate beats a constant one, and holding the peak before the decay
@@ -64,6 +69,14 @@ class AutoLRController(Controller):
                                 "centred loss is this fraction above it (0: no edge)", 0.0, 10.0),
         "edge_backoff": OptionSpec("edge_backoff", 4.0, float, "a peak below edge_lr / edge_backoff is raised to it "
                                    "(the centred minimum of a flat curve lands anywhere in it)", 1.0, 1e4),
+        "flat_z": OptionSpec("flat_z", 3.0, float, "a search curve with no edge whose centred minimum is less than "
+                             "this many noise deviations (of a window's mean) below its first window is flat: its "
+                             "minimum is noise (0: off)", 0.0, None),
+        "depart_z": OptionSpec("depart_z", 6.0, float, "on a flat curve, the first step whose loss departs this many "
+                               "noise deviations from the median of the steps before it marks the plateau's end",
+                               0.5, None),
+        "flat_backoff": OptionSpec("flat_backoff", 10.0, float, "on a flat curve the peak is the rate at the "
+                                   "plateau's end divided by this", 1.0, 1e4),
         "smoothing": OptionSpec("smoothing", 0.9, float, "EMA factor of the per-step loss", 0.0, 0.999),
         "min_factor": OptionSpec("min_factor", 0.0, float, "final rate as a fraction of the peak", 0.0, 1.0),
         "decay_frac": OptionSpec("decay_frac", 0.3, float, "fraction of the steps after the search spent in the "
@@ -102,6 +115,8 @@ class AutoLRController(Controller):
         self.curve_loss: list[float] = []
         self.centered_lr = 0.0
         self.edge_lr = 0.0
+        self.flat_lr = 0.0  # a flat curve's peak: its plateau end / flat_backoff, or the hint; 0.0: not flat
+        self.hint = 0.0
         self.kept_step = -1  # the step whose weights the trainer keeps for us
         self.kept_lr = 0.0
         self.went_back = 0
@@ -116,7 +131,7 @@ class AutoLRController(Controller):
                                   "hyperparameters (a spec writing the param-group key 'lr')")
         self.lr_name = names[0]
         spec = space[self.lr_name]
-        hint = float(hparams[self.lr_name])
+        self.hint = hint = float(hparams[self.lr_name])
         self.lr = spec.clip(hint * self.config["start_factor"])
         steps = max(1.0, self.config["search_frac"] * max(1, budget))
         self.growth = 10.0 ** (self.config["decades"] / steps)
@@ -181,7 +196,7 @@ class AutoLRController(Controller):
                 past = risen or out_of_room
                 self.stop_lr = self.lr
                 peak = self.lr / self.config["backoff"] if past else self.lr
-                self.centered_lr, self.edge_lr = self._centered_minimum_and_edge()
+                self.read_curve()
                 if past:
                     peak = self.capped(peak)
                     if self.kept_step >= 0:
@@ -204,7 +219,9 @@ class AutoLRController(Controller):
 
     def capped(self, peak: float) -> float:
         """``peak`` (the stop rate over ``backoff``) capped where the loss was lowest, from ``centered_lr`` and
-        ``edge_lr`` (set by the search's end; ``benchmarks/autolr_curves.py`` replays recorded curves through it)."""
+        ``edge_lr`` or ``flat_lr`` (set by :meth:`read_curve` at the search's end; ``benchmarks/autolr_curves.py`` replays recorded curves through it)."""
+        if self.flat_lr > 0:  # a flat curve: its minimum is noise; a decade below the plateau's end (or the hint)
+            return min(peak, self.flat_lr)
         if self.centered_lr > 0:
             # where the loss was lowest, without the EMA's lag; on a flat curve that minimum lands anywhere below the
             # rise, which stays put: a quarter of the rate where the loss has risen is kept
@@ -215,6 +232,42 @@ class AutoLRController(Controller):
         if self.kept_step >= 0:
             return min(peak, self.kept_lr)  # never above a rate the loss was still at its minimum with
         return peak
+
+    def read_curve(self) -> None:
+        """Read the search curve: ``centered_lr`` and ``edge_lr`` (:meth:`_centered_minimum_and_edge`), and
+        ``flat_lr``, the peak where the curve is flat (:meth:`_plateau_end`)."""
+        self.centered_lr, self.edge_lr = self._centered_minimum_and_edge()
+        self.flat_lr = self._plateau_end() if self.edge_lr == 0.0 and self.centered_lr > 0 else 0.0
+
+    def _plateau_end(self) -> float:
+        """On a flat curve (no edge, and a centred minimum less than ``flat_z`` noise deviations of a window's mean
+        below the first whole window), the rate of the first step whose loss departs ``depart_z`` noise deviations
+        from the median of the steps before it, over ``flat_backoff``; the hint where none departs; 0.0 on a curve
+        that is not flat.
+
+        The noise is the step-to-step deviation, robustly: 1.4826 × the median absolute difference of consecutive
+        losses / √2, so a few jumps at the end do not inflate it. A falling curve is never flat: cifar10 and
+        electricity searches fell 1.7-11 deviations even where they fell only 0-13 %; imdb's seeds 1-2 fell 0.2-0.3
+        (docs/results.md)."""
+        k, z, losses = self.config["window"], self.config["flat_z"], self.curve_loss
+        n = len(losses)
+        if z <= 0 or k <= 0 or n <= 2 * k + 3:  # too short for whole windows to compare: not read as flat
+            return 0.0
+        diffs = sorted(abs(b - a) for a, b in zip(losses, losses[1:], strict=False))
+        noise = 1.4826 * _median(diffs) / math.sqrt(2)
+        if noise <= 0:
+            return 0.0
+
+        def mean(i: int) -> float:
+            lo, hi = max(0, i - k), min(n, i + k + 1)
+            return sum(losses[lo:hi]) / (hi - lo)
+
+        at = self.curve_lr.index(self.centered_lr)
+        if mean(k) - mean(at) >= z * noise / math.sqrt(2 * k + 1):
+            return 0.0
+        depart = self.config["depart_z"] * noise
+        end = next((i for i in range(3, n) if abs(losses[i] - _median(sorted(losses[:i]))) > depart), None)
+        return self.curve_lr[end] / self.config["flat_backoff"] if end is not None else self.hint
 
     def _centered_minimum_and_edge(self) -> tuple[float, float]:
         """The rate at the minimum of the search's losses averaged over ``window`` steps either side, and the edge:
@@ -267,7 +320,7 @@ class AutoLRController(Controller):
     def diagnostics(self) -> dict[str, float]:
         return {"autolr_peak": self.peak, "autolr_searching": float(self.phase == SEARCH),
                 "autolr_stop_lr": self.stop_lr, "autolr_cuts": float(self.cuts), "autolr_kept_lr": self.kept_lr,
-                "autolr_centered_lr": self.centered_lr, "autolr_edge_lr": self.edge_lr,
+                "autolr_centered_lr": self.centered_lr, "autolr_edge_lr": self.edge_lr, "autolr_flat_lr": self.flat_lr,
                 "autolr_went_back": float(self.went_back)}
 
     def state_dict(self) -> dict[str, Any]:
@@ -276,7 +329,8 @@ class AutoLRController(Controller):
                 "ema_min": self.ema_min, "smoothed": self._smoothed,
                 "last_cut": self.last_cut, "cuts": self.cuts, "kept_step": self.kept_step, "kept_lr": self.kept_lr,
                 "went_back": self.went_back, "curve_lr": list(self.curve_lr), "curve_loss": list(self.curve_loss),
-                "centered_lr": self.centered_lr, "edge_lr": self.edge_lr, "request": self._request or "",
+                "centered_lr": self.centered_lr, "edge_lr": self.edge_lr, "flat_lr": self.flat_lr, "hint": self.hint,
+                "request": self._request or "",
                 "last_logged": self._last_logged, "last_step": self._last_step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -294,9 +348,15 @@ class AutoLRController(Controller):
         self.curve_loss = [float(v) for v in state.get("curve_loss", [])]
         self.centered_lr = float(state.get("centered_lr", 0.0))
         self.edge_lr = float(state.get("edge_lr", 0.0))
+        self.flat_lr, self.hint = float(state.get("flat_lr", 0.0)), float(state.get("hint", 0.0))
         self._request = str(state.get("request", "")) or None
         self._last_logged = float(state.get("last_logged", math.nan))
         self._last_step = int(state.get("last_step", -1))
+
+
+def _median(ordered: list[float]) -> float:
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
 
 
 @hookimpl
