@@ -246,9 +246,8 @@ class AutoLRController(Controller):
         that is not flat.
 
         The noise is the step-to-step deviation, robustly: 1.4826 × the median absolute difference of consecutive
-        losses / √2, so a few jumps at the end do not inflate it. A falling curve is never flat: cifar10 and
-        electricity searches fell 1.7-11 deviations even where they fell only 0-13 %; imdb's seeds 1-2 fell 0.2-0.3
-        (docs/results.md)."""
+        losses / √2, so a few jumps at the end do not inflate it. A falling curve is not flat: electricity's
+        searches without an edge fell 5-11 deviations, imdb's seeds 1-2 from 2e-5 0.2-0.3 (docs/results.md)."""
         k, z, losses = self.config["window"], self.config["flat_z"], self.curve_loss
         n = len(losses)
         if z <= 0 or k <= 0 or n <= 2 * k + 3:  # too short for whole windows to compare: not read as flat
