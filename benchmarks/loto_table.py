@@ -118,7 +118,8 @@ def plot_trajectories(uri: str, runs: list, metric: str, title: str, path: Path)
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", required=True)
-    ap.add_argument("--experiments", required=True, help="comma-separated MLflow experiments to read")
+    ap.add_argument("--experiments", required=True, help="comma-separated MLflow experiments to read (a run found "
+                    "in several, same method, rate and seed, is taken from the last listed)")
     ap.add_argument("--metric", help="final metric (default: the task's primary test metric)")
     ap.add_argument("--policy", default="ppo", help="the meta-trained controller (default ppo)")
     ap.add_argument("--reference", default="autolr", help="the rule it is judged against (default autolr)")

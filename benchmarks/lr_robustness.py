@@ -43,7 +43,9 @@ def finished_runs(uri: str, experiments: list[str], task: str, seeds: set[int] |
 def collect(uri: str, experiments: list[str], task: str, metric: str, preset: str, seeds: set[int] | None,
             controller: str = "", controller_from: list[str] | None = None):
     """{method: {lr0: {seed: (value, compute_ratio, diverged)}}} from the finished training runs; the judged
-    ``controller``'s runs only from ``controller_from`` when given (an earlier version's runs stay out)."""
+    ``controller``'s runs only from ``controller_from`` when given (an earlier version's runs stay out). A (method,
+    rate, seed) found in several experiments is taken from the one listed last in ``experiments`` (a rerun of some
+    seeds, in an experiment of its own, replaces them)."""
     table: dict[str, dict[float, dict[int, tuple]]] = defaultdict(lambda: defaultdict(dict))
     for exp, method, lr0, run, result in finished_runs(uri, experiments, task, seeds):
         if run.params.get("preset") != preset:
@@ -147,7 +149,8 @@ def plot(summary: dict, metric: str, title: str, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--task", required=True)
-    ap.add_argument("--experiments", required=True, help="comma-separated MLflow experiments to read")
+    ap.add_argument("--experiments", required=True, help="comma-separated MLflow experiments to read (a run found "
+                    "in several, same method, rate and seed, is taken from the last listed)")
     ap.add_argument("--metric", help="final metric (default: the task's primary test metric)")
     ap.add_argument("--controller", default="autolr", help="the adaptive controller to judge (default autolr)")
     ap.add_argument("--controller-from", help="comma-separated experiments the judged controller's runs are read "
