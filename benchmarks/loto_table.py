@@ -167,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         keep = [m for m in args.trajectories.split(",") if m]
         ref_from = set(args.reference_from.split(",")) if args.reference_from else None
-        runs = [run for exp, method, lr0, run, _ in finished_runs(args.tracking_uri, experiments, args.task, seeds)
-                if method in keep and math.isclose(lr0, default_lr) and run.params.get("preset") == args.preset
-                and not (method == args.reference and ref_from is not None and exp not in ref_from)]
+        latest = {(method, run.seed): run  # as in the table: a seed found in several experiments, the last listed
+                  for exp, method, lr0, run, _ in finished_runs(args.tracking_uri, experiments, args.task, seeds)
+                  if method in keep and math.isclose(lr0, default_lr) and run.params.get("preset") == args.preset
+                  and not (method == args.reference and ref_from is not None and exp not in ref_from)}
+        runs = list(latest.values())
         runs.sort(key=lambda r: (keep.index(r.controller) if r.controller in keep else len(keep), r.seed or 0))
         val = "val/" + metric.split("/", 1)[-1]
         plot_trajectories(args.tracking_uri, runs, val, f"{args.task} ({args.preset}), never seen by the policy: "
