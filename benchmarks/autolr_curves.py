@@ -108,8 +108,8 @@ def main() -> None:
         return
     options = dict(item.partition("=")[::2] for item in args.set)  # parsed and checked by the controller's specs
     curves = [c for path in args.curves for c in json.loads(Path(path).read_text())]
-    print("| task | optimizer | seed | initial lr | recorded peak | centred minimum | edge | flat curve: plateau end / flat_backoff | peak | "
-          "fall to the minimum | above it at edge/edge_backoff |")
+    print("| task | optimizer | seed | initial lr | recorded peak | centred minimum | edge | "
+          "flat curve: plateau end / flat_backoff | peak | fall to the minimum | above it at edge/edge_backoff |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in replay(curves, options):
         print(f"| {r['task']} | {r['optimizer']} | {r['seed']} | {r['lr0']:g} | {r['recorded_peak']:.3g} | "

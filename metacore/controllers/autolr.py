@@ -219,7 +219,8 @@ class AutoLRController(Controller):
 
     def capped(self, peak: float) -> float:
         """``peak`` (the stop rate over ``backoff``) capped where the loss was lowest, from ``centered_lr`` and
-        ``edge_lr`` or ``flat_lr`` (set by :meth:`read_curve` at the search's end; ``benchmarks/autolr_curves.py`` replays recorded curves through it)."""
+        ``edge_lr`` or ``flat_lr`` (set by :meth:`read_curve` at the search's end; ``benchmarks/autolr_curves.py``
+        replays recorded curves through it)."""
         if self.flat_lr > 0:  # a flat curve: its minimum is noise; a decade below the plateau's end (or the hint)
             return min(peak, self.flat_lr)
         if self.centered_lr > 0:
