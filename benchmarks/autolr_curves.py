@@ -81,7 +81,7 @@ def replay(curves: list[dict], options: dict[str, float]) -> list[dict]:
         floor = ctl.edge_lr / ctl.config["edge_backoff"]
         rows.append({"task": r["task"], "optimizer": r.get("optimizer", "default"), "seed": r["seed"],
                      "lr0": r["lr0"], "recorded_peak": r["peak"], "centered_lr": ctl.centered_lr,
-                     "edge_lr": ctl.edge_lr, "flat_lr": ctl.flat_lr, "peak": peak,
+                     "edge_lr": ctl.edge_lr, "flat_lr": ctl.flat_lr, "peak": peak, "deviations": ctl.fall_deviations(),
                      **shape(ctl.curve_lr, ctl.curve_loss, ctl.config["window"], ctl.centered_lr, floor)})
     return rows
 
@@ -109,11 +109,13 @@ def main() -> None:
     options = dict(item.partition("=")[::2] for item in args.set)  # parsed and checked by the controller's specs
     curves = [c for path in args.curves for c in json.loads(Path(path).read_text())]
     print("| task | optimizer | seed | initial lr | recorded peak | centred minimum | edge | "
-          "flat curve: plateau end / flat_backoff | peak | fall to the minimum | above it at edge/edge_backoff |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "flat curve: plateau end / flat_backoff | peak | fall to the minimum | the fall in noise deviations | "
+          "above it at edge/edge_backoff |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in replay(curves, options):
         print(f"| {r['task']} | {r['optimizer']} | {r['seed']} | {r['lr0']:g} | {r['recorded_peak']:.3g} | "
-              f"{r['centered_lr']:.3g} | {r['edge_lr']:.3g} | {r['flat_lr']:.3g} | {r['peak']:.3g} | {r['fall']:.3f} | "
+              f"{r['centered_lr']:.3g} | {r['edge_lr']:.3g} | {r['flat_lr']:.3g} | {r['peak']:.3g} | "
+              f"{r['fall']:.3f} | {r['deviations']:.1f} | "
               f"{r['at_floor']:.3f} |")
 
 

@@ -315,6 +315,7 @@ def test_a_flat_curve_without_an_edge_takes_a_decade_below_where_the_plateau_end
             ctl.observe_gradients(_ctx(step, loss(lr, step)))
             lr = ctl.act(_state(step, 200, lr)).get("lr", lr)
         assert ctl.edge_lr == 0.0 and ctl.stop_lr == 1e-2  # no edge: the search ran to the task's bound
+        assert ctl.fall_deviations() < 3
         assert 1e-3 / 10 <= ctl.flat_lr <= 1e-3 * ctl.growth / 10
         assert ctl.peak == pytest.approx(ctl.flat_lr)
         assert ctl.diagnostics()["autolr_flat_lr"] == ctl.flat_lr
@@ -356,5 +357,5 @@ def test_a_falling_curve_without_an_edge_is_not_flat():
         loss = 1.0 - 0.05 * math.log10(max(lr, 1e-5) / 1e-5) + rng.gauss(0.0, 0.01)
         ctl.observe_gradients(_ctx(step, loss))
         lr = ctl.act(_state(step, 300, lr)).get("lr", lr)
-    assert ctl.edge_lr == 0.0 and ctl.flat_lr == 0.0
+    assert ctl.edge_lr == 0.0 and ctl.flat_lr == 0.0 and ctl.fall_deviations() > 3
     assert ctl.peak == pytest.approx(min(ctl.stop_lr / 10, ctl.centered_lr))

@@ -147,6 +147,7 @@ def test_autolr_curves_replay_gives_the_controllers_own_peak():
     assert off["edge_lr"] == 0.0 and off["peak"] < same["peak"]
     assert 0.0 <= same["fall"] < 1.0 and same["at_floor"] == same["at_floor"]  # the curve fell; a number at the floor
     assert off["at_floor"] != off["at_floor"]  # no edge, no floor: nan
+    assert same["deviations"] > 3 and same["flat_lr"] == 0.0  # the curve fell far beyond its noise: not flat
 
 
 def test_autolr_curves_record_searches_with_the_chosen_optimizer():

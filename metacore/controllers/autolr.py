@@ -240,33 +240,42 @@ class AutoLRController(Controller):
         self.centered_lr, self.edge_lr = self._centered_minimum_and_edge()
         self.flat_lr = self._plateau_end() if self.edge_lr == 0.0 and self.centered_lr > 0 else 0.0
 
-    def _plateau_end(self) -> float:
-        """On a flat curve (no edge, and a centred minimum less than ``flat_z`` noise deviations of a window's mean
-        below the first whole window), the rate of the first step whose loss departs ``depart_z`` noise deviations
-        from the median of the steps before it, over ``flat_backoff``; the hint where none departs; 0.0 on a curve
-        that is not flat.
+    def fall_deviations(self) -> float:
+        """How far the centred minimum lies below the first whole window, in noise deviations of a window's mean
+        (``nan`` where the curve is too short for whole windows to compare, ``inf`` on a noiseless curve).
 
         The noise is the step-to-step deviation, robustly: 1.4826 × the median absolute difference of consecutive
-        losses / √2, so a few jumps at the end do not inflate it. A falling curve is not flat: electricity's
-        searches without an edge fell 5-11 deviations, imdb's seeds 1-2 from 2e-5 0.2-0.3 (docs/results.md)."""
-        k, z, losses = self.config["window"], self.config["flat_z"], self.curve_loss
+        losses / √2, so a few jumps at the end do not inflate it. A falling curve lies many deviations down:
+        electricity's searches without an edge 5-11, imdb's seeds 1-2 from 2e-5 0.0-0.3 (docs/results.md)."""
+        k, losses = self.config["window"], self.curve_loss
         n = len(losses)
-        if z <= 0 or k <= 0 or n <= 2 * k + 3:  # too short for whole windows to compare: not read as flat
-            return 0.0
-        diffs = sorted(abs(b - a) for a, b in zip(losses, losses[1:], strict=False))
-        noise = 1.4826 * _median(diffs) / math.sqrt(2)
+        if k <= 0 or n <= 2 * k + 3 or self.centered_lr <= 0:
+            return math.nan
+        noise = self._noise()
         if noise <= 0:
-            return 0.0
-
-        def mean(i: int) -> float:
-            lo, hi = max(0, i - k), min(n, i + k + 1)
-            return sum(losses[lo:hi]) / (hi - lo)
-
+            return math.inf
         at = self.curve_lr.index(self.centered_lr)
-        if mean(k) - mean(at) >= z * noise / math.sqrt(2 * k + 1):
+        return (self._window_mean(k) - self._window_mean(at)) / (noise / math.sqrt(2 * k + 1))
+
+    def _noise(self) -> float:
+        diffs = sorted(abs(b - a) for a, b in zip(self.curve_loss, self.curve_loss[1:], strict=False))
+        return 1.4826 * _median(diffs) / math.sqrt(2) if diffs else 0.0
+
+    def _window_mean(self, i: int) -> float:
+        k, losses = self.config["window"], self.curve_loss
+        lo, hi = max(0, i - k), min(len(losses), i + k + 1)
+        return sum(losses[lo:hi]) / (hi - lo)
+
+    def _plateau_end(self) -> float:
+        """On a flat curve (no edge, and a centred minimum less than ``flat_z`` noise deviations of a window's mean
+        below the first whole window, :meth:`fall_deviations`), the rate of the first step whose loss departs
+        ``depart_z`` noise deviations from the median of the steps before it, over ``flat_backoff``; the hint where
+        none departs; 0.0 on a curve that is not flat (or too short to tell)."""
+        z, losses = self.config["flat_z"], self.curve_loss
+        if z <= 0 or not self.fall_deviations() < z:
             return 0.0
-        depart = self.config["depart_z"] * noise
-        end = next((i for i in range(3, n) if abs(losses[i] - _median(sorted(losses[:i]))) > depart), None)
+        depart = self.config["depart_z"] * self._noise()
+        end = next((i for i in range(3, len(losses)) if abs(losses[i] - _median(sorted(losses[:i]))) > depart), None)
         return self.curve_lr[end] / self.config["flat_backoff"] if end is not None else self.hint
 
     def _centered_minimum_and_edge(self) -> tuple[float, float]:
