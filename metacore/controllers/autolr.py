@@ -33,6 +33,7 @@ syncs only then); with no per-step loss (an integration that has none) the logge
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any, Mapping
 
 from metacore.core.controller import Controller, StepContext
@@ -258,10 +259,11 @@ class AutoLRController(Controller):
         return (self._window_mean(k) - self._window_mean(at)) / (noise / math.sqrt(2 * k + 1))
 
     def _noise(self) -> float:
-        diffs = sorted(abs(b - a) for a, b in zip(self.curve_loss, self.curve_loss[1:], strict=False))
-        return 1.4826 * _median(diffs) / math.sqrt(2) if diffs else 0.0
+        diffs = [abs(b - a) for a, b in zip(self.curve_loss, self.curve_loss[1:], strict=False)]
+        return 1.4826 * statistics.median(diffs) / math.sqrt(2) if diffs else 0.0
 
     def _window_mean(self, i: int) -> float:
+        """The search's losses averaged over ``window`` steps either side of step ``i`` (fewer at the ends)."""
         k, losses = self.config["window"], self.curve_loss
         lo, hi = max(0, i - k), min(len(losses), i + k + 1)
         return sum(losses[lo:hi]) / (hi - lo)
@@ -275,7 +277,7 @@ class AutoLRController(Controller):
         if z <= 0 or not self.fall_deviations() < z:
             return 0.0
         depart = self.config["depart_z"] * self._noise()
-        end = next((i for i in range(3, len(losses)) if abs(losses[i] - _median(sorted(losses[:i]))) > depart), None)
+        end = next((i for i in range(3, len(losses)) if abs(losses[i] - statistics.median(losses[:i])) > depart), None)
         return self.curve_lr[end] / self.config["flat_backoff"] if end is not None else self.hint
 
     def _centered_minimum_and_edge(self) -> tuple[float, float]:
@@ -292,18 +294,9 @@ class AutoLRController(Controller):
         On a curve that is flat until it turns up (a BatchNorm ResNet in its first 80 steps: the loss falls from 2.4
         to 2.3 while the rate grows four decades) the minimum is placed by noise anywhere in those decades (cifar10:
         0.004 to 0.044 over 15 searches), while the edge stays within a factor of two (0.09 to 0.20)."""
-        k, losses = self.config["window"], self.curve_loss
-        if k <= 0 or len(losses) < 2:
+        k, n, mean = self.config["window"], len(self.curve_loss), self._window_mean
+        if k <= 0 or n < 2:
             return 0.0, 0.0
-        sums = [0.0]
-        for value in losses:
-            sums.append(sums[-1] + value)
-
-        def mean(i: int) -> float:
-            lo, hi = max(0, i - k), min(len(losses), i + k + 1)
-            return (sums[hi] - sums[lo]) / (hi - lo)
-
-        n = len(losses)
         whole = range(k, n - k) if n > 2 * k else range(n)  # only averages over a full window, where there are some
         at = min(whole, key=mean)
         rise = self.config["edge_rise"]
@@ -361,11 +354,6 @@ class AutoLRController(Controller):
         self._request = str(state.get("request", "")) or None
         self._last_logged = float(state.get("last_logged", math.nan))
         self._last_step = int(state.get("last_step", -1))
-
-
-def _median(ordered: list[float]) -> float:
-    n = len(ordered)
-    return ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])
 
 
 @hookimpl
