@@ -54,7 +54,7 @@ def shape(curve_lr: list[float], curve_loss: list[float], window: int, centred: 
     ``centred``; ``at_floor``, the fraction the average at the rate nearest ``floor`` lies above that minimum."""
     n = len(curve_loss)
     if n < 2 or window <= 0 or centred <= 0:
-        return {"fall": math.nan, "at_floor": math.nan}
+        return {"fall": math.nan, "at_floor": math.nan, "lowest": math.nan}
 
     def mean(i: int) -> float:
         lo, hi = max(0, i - window), min(n, i + window + 1)
@@ -64,7 +64,7 @@ def shape(curve_lr: list[float], curve_loss: list[float], window: int, centred: 
     lowest = mean(curve_lr.index(centred))
     near = min(range(n), key=lambda i: abs(math.log(curve_lr[i] / floor))) if floor > 0 else None
     return {"fall": 1 - lowest / mean(first),
-            "at_floor": mean(near) / lowest - 1 if near is not None else math.nan}
+            "at_floor": mean(near) / lowest - 1 if near is not None else math.nan, "lowest": lowest}
 
 
 def replay(curves: list[dict], options: dict[str, float]) -> list[dict]:
@@ -79,10 +79,17 @@ def replay(curves: list[dict], options: dict[str, float]) -> list[dict]:
         ctl.read_curve()
         peak = ctl.capped(r["stop_lr"] / ctl.config["backoff"])
         floor = ctl.edge_lr / ctl.config["edge_backoff"]
+        form = shape(ctl.curve_lr, ctl.curve_loss, ctl.config["window"], ctl.centered_lr, floor)
+        k, noise = ctl.config["window"], ctl._noise()
+        lowest = form["lowest"]
         rows.append({"task": r["task"], "optimizer": r.get("optimizer", "default"), "seed": r["seed"],
                      "lr0": r["lr0"], "recorded_peak": r["peak"], "centered_lr": ctl.centered_lr,
                      "edge_lr": ctl.edge_lr, "flat_lr": ctl.flat_lr, "peak": peak, "deviations": ctl.fall_deviations(),
-                     **shape(ctl.curve_lr, ctl.curve_loss, ctl.config["window"], ctl.centered_lr, floor)})
+                     "stop_over_edge": r["stop_lr"] / ctl.edge_lr if ctl.edge_lr > 0 else math.nan,
+                     # how far the loss at the floor lies above the minimum, in noise deviations of a window's mean
+                     "at_floor_deviations": (form["at_floor"] * lowest / (noise / math.sqrt(2 * k + 1))
+                                             if noise > 0 and k > 0 else math.nan),
+                     "fall": form["fall"], "at_floor": form["at_floor"]})
     return rows
 
 
@@ -110,13 +117,13 @@ def main() -> None:
     curves = [c for path in args.curves for c in json.loads(Path(path).read_text())]
     print("| task | optimizer | seed | initial lr | recorded peak | centred minimum | edge | "
           "flat curve: plateau end / flat_backoff | peak | fall to the minimum | the fall in noise deviations | "
-          "above it at edge/edge_backoff |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+          "above it at edge/edge_backoff | the same in noise deviations | stop rate / edge |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in replay(curves, options):
         print(f"| {r['task']} | {r['optimizer']} | {r['seed']} | {r['lr0']:g} | {r['recorded_peak']:.3g} | "
               f"{r['centered_lr']:.3g} | {r['edge_lr']:.3g} | {r['flat_lr']:.3g} | {r['peak']:.3g} | "
               f"{r['fall']:.3f} | {r['deviations']:.1f} | "
-              f"{r['at_floor']:.3f} |")
+              f"{r['at_floor']:.3f} | {r['at_floor_deviations']:.1f} | {r['stop_over_edge']:.1f} |")
 
 
 if __name__ == "__main__":
