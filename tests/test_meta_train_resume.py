@@ -17,7 +17,8 @@ def _req(out, **kw):
     return MetaTrainRequest(**{**base, **kw})
 
 
-def test_killed_meta_train_resumes_to_the_same_policy(tmp_path, monkeypatch):
+@pytest.mark.parametrize("reward", ["delta", "teacher"])
+def test_killed_meta_train_resumes_to_the_same_policy(tmp_path, monkeypatch, reward):
     import torch
     from safetensors.torch import load_file
 
@@ -26,7 +27,7 @@ def test_killed_meta_train_resumes_to_the_same_policy(tmp_path, monkeypatch):
     from metacore.core.tracking import MemoryTracker
 
     tracker = MemoryTracker()
-    meta_train(_req(tmp_path / "a"), tracker=tracker, progress=False)
+    meta_train(_req(tmp_path / "a", reward=reward), tracker=tracker, progress=False)
 
     real_save = meta_checkpoint.save
 
@@ -41,14 +42,14 @@ def test_killed_meta_train_resumes_to_the_same_policy(tmp_path, monkeypatch):
 
     monkeypatch.setattr(runner, "git_commit", lambda: "commit-at-start")
     with pytest.raises(KeyboardInterrupt):
-        meta_train(_req(tmp_path / "b"), tracker=tracker, progress=False)
+        meta_train(_req(tmp_path / "b", reward=reward), tracker=tracker, progress=False)
     monkeypatch.setattr(meta_checkpoint, "save", real_save)
     monkeypatch.setattr(runner, "git_commit", lambda: "commit-at-resume")  # the tree moved meanwhile
     assert [p.name for p in meta_checkpoint.checkpoints(tmp_path / "b" / "checkpoint")] == [
         "ckpt-000002.json", "ckpt-000003.json"]  # the newest two are kept
     assert not (tmp_path / "b" / "policy.json").exists()
 
-    spec = meta_train(_req(tmp_path / "b"), tracker=tracker, progress=False, resume=True)
+    spec = meta_train(_req(tmp_path / "b", reward=reward), tracker=tracker, progress=False, resume=True)
     assert spec["training"]["resumed"] and spec["training"]["timesteps"] == 24
     assert spec["training"]["commit"] == "commit-at-start"  # the code that started it, as in its MLflow params
     assert tracker.get_run(spec["training"]["mlflow_run_id"]).params["git.commit"] == "commit-at-start"
@@ -68,7 +69,8 @@ def test_killed_meta_train_resumes_to_the_same_policy(tmp_path, monkeypatch):
     assert pa["training"]["run_equivalents"] == pb["training"]["run_equivalents"]
 
 
-def test_env_snapshot_in_the_middle_of_a_run_continues_exactly():
+@pytest.mark.parametrize("reward", ["delta", "teacher"])
+def test_env_snapshot_in_the_middle_of_a_run_continues_exactly(reward):
     """A checkpoint between rollouts can find an environment mid-run (an episode cut short by a divergence): its
     snapshot carries the inner run's trainer checkpoint, and the restored environment goes on identically (on a run
     that does not roll back later: the trainer's in-memory rollback snapshot is taken afresh at a restore, as in
@@ -80,7 +82,8 @@ def test_env_snapshot_in_the_middle_of_a_run_continues_exactly():
 
     def make():
         return HyperparamControlEnv(task="digits", preset="smoke", interval=3, horizon=6, seed=4, teacher="autolr",
-                                    teacher_options={"start_factor": 1.0, "decades": 0.5}, lr_spread=1.0)
+                                    teacher_options={"start_factor": 1.0, "decades": 0.5}, lr_spread=1.0,
+                                    reward=reward)
 
     env = make()
     env.reset()
@@ -93,6 +96,8 @@ def test_env_snapshot_in_the_middle_of_a_run_continues_exactly():
     rest_a = [env.step([a]) for a in (0.2, 0.0, -1.0, 1.0)]
     assert env.trainer.rollbacks == 0
     again = make()
+    if reward == "teacher":  # the teacher's run is not made again at a restore: its score travels in the snapshot
+        again._teacher_score = None
     assert again.restore(snap) is None
     rest_b = [again.step([a]) for a in (0.2, 0.0, -1.0, 1.0)]
     for (oa, ra, da, _, ia), (ob, rb, db, _, ib) in zip(rest_a, rest_b, strict=True):

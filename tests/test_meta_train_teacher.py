@@ -80,6 +80,61 @@ def test_final_reward_pays_the_runs_score_gain_once():
     assert rewards[:-1] == [0.0] * 3 and rewards[-1] == pytest.approx(info["score"], abs=1e-9)
 
 
+def _episode(env, action: float):
+    env.reset()
+    rewards, done, info = [], False, {}
+    while not done:
+        _, r, done, _, info = env.step([action])
+        rewards.append(r)
+    return rewards, info
+
+
+def test_teacher_reward_is_the_final_score_over_the_teachers_own_run():
+    from metacore.controllers.ppo.env import HyperparamControlEnv
+
+    def make(reward):
+        return HyperparamControlEnv(task="digits", preset="smoke", interval=25, horizon=4, seed=1, reward=reward,
+                                    teacher="autolr")
+
+    teacher_gain = _episode(make("final"), 0.0)[0][-1]  # the teacher's own run, its whole score gain
+    env = make("teacher")
+    rewards, info = _episode(env, 0.0)
+    assert rewards == [0.0] * 4  # residual 0: the episode is the teacher's run, to the last digit
+    assert info["teacher_steps"] == 100 and teacher_gain > 0.5
+    assert info["teacher_score"] == pytest.approx(env.score0 + teacher_gain, abs=1e-9)
+    for action in (1.0, -1.0):  # a rate doubled (halved) at each decision
+        final, _ = _episode(make("final"), action)
+        rewards, info = _episode(make("teacher"), action)
+        assert rewards[:-1] == final[:-1]  # rollbacks cost the same; nothing else is paid before the end
+        assert rewards[-1] == pytest.approx(final[-1] - teacher_gain, abs=1e-9) and rewards[-1] != final[-1]
+
+
+def test_teacher_reward_counts_the_teachers_runs_and_keeps_the_advantages_sign(tmp_path):
+    from metacore.app.meta_train import MetaTrainRequest, meta_train
+    from metacore.core.registry import load_registry
+    from metacore.core.tracking import MemoryTracker
+
+    req = MetaTrainRequest(tasks=["digits"], hold_out=None, timesteps=8, out=str(tmp_path), horizon=4, interval=25,
+                           eval_seeds=0, teacher="autolr", reward="teacher", action_std=0.3, checkpoint_every=0,
+                           lr_spread=1.0)
+    training = meta_train(req, tracker=MemoryTracker(), progress=False)["training"]
+    assert training["inner_steps"] == 2 * 8 * 25  # two episodes of 100 steps, each with the teacher's own run
+    steps = load_registry().task("digits").obj().preset("smoke").steps  # run-equivalents count the teacher's runs too
+    assert training["run_equivalents"] == pytest.approx(round(2 * 8 * 25 / steps, 2))
+    assert training["ppo"]["normalize_advantage"] is False
+
+
+def test_teacher_reward_needs_a_teacher():
+    from metacore.app.meta_train import MetaTrainRequest, validate
+    from metacore.controllers.ppo.env import HyperparamControlEnv
+    from metacore.core.errors import UsageError
+
+    with pytest.raises(UsageError, match="needs a teacher"):
+        HyperparamControlEnv(task="digits", preset="smoke", reward="teacher")
+    with pytest.raises(UsageError, match="needs --teacher"):
+        validate(MetaTrainRequest(tasks=["digits"], hold_out=None, timesteps=4, out="x", reward="teacher"))
+
+
 def _policy_at_start(tmp_path, name: str, bc_episodes: int):
     """Meta-train briefly; the policy as it was before PPO's first update (checkpoint 0) as a policy file."""
     from metacore.app import meta_checkpoint

@@ -55,7 +55,8 @@ class MetaTrainCallback:
                     self.ep_return = [0.0] * len(infos)
                 for i, info in enumerate(infos):
                     task = info.get("task", "?")
-                    self.inner_steps[task] = self.inner_steps.get(task, 0) + int(info.get("interval", 0))
+                    self.inner_steps[task] = (self.inner_steps.get(task, 0) + int(info.get("interval", 0))
+                                             + int(info.get("teacher_steps", 0)))  # reward "teacher": its run
                     if bool(dones[i]):
                         ep = info.get("episode", {})
                         self.returns.setdefault(task, []).append(float(ep.get("r", 0.0)))

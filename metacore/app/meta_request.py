@@ -35,7 +35,8 @@ class MetaTrainRequest:
     teacher: str | None = None  # a residual policy over this controller (autolr, ...); None: none
     teacher_options: dict[str, Any] = field(default_factory=dict)
     bc_episodes: int = 0  # teacher-driven warm-start episodes per training task before PPO
-    reward: str = "delta"  # "delta": score change per decision; "final": the run's score gain at its end
+    reward: str = "delta"  # "delta": score change per decision; "final": the run's score gain at its end;
+    # "teacher": the final score minus the teacher's own run's on the same seed and start
     gamma: float = PPO_DEFAULTS["gamma"]
     action_std: float = 1.0  # PPO's initial exploration std of the action (SB3: 1.0)
     checkpoint_every: int = 1  # PPO updates between checkpoints (0: none)
@@ -79,6 +80,8 @@ def validate(req: MetaTrainRequest) -> None:
 
     if req.reward not in REWARDS:
         raise UsageError(f"--reward must be one of {', '.join(REWARDS)}, got {req.reward!r}")
+    if req.reward == "teacher" and not req.teacher:
+        raise UsageError("--reward teacher pays the gain over the teacher's own run: it needs --teacher")
     if not 0 < req.gamma <= 1:
         raise UsageError(f"--gamma must lie in (0, 1], got {req.gamma}")
     if not req.action_std > 0:

@@ -90,12 +90,17 @@ def meta_train(req: MetaTrainRequest, tracker: Any = None, progress: bool = True
     minibatch = max(2, min(64, batch))
     while batch % minibatch:
         minibatch -= 1
+    # against the teacher's run the advantage's sign is the measured gain over the rule: kept, not normalised away,
+    # so deviations that all lost push the policy back towards the teacher instead of towards the lesser loser
+    normalize_advantage = req.reward != "teacher"
     ppo_params = {**PPO_DEFAULTS, "gamma": req.gamma, "n_steps": n_steps, "batch_size": minibatch,
-                  "n_envs": n_envs, "log_std_init": math.log(req.action_std)}
+                  "n_envs": n_envs, "log_std_init": math.log(req.action_std),
+                  "normalize_advantage": normalize_advantage}
     model = PPO("MlpPolicy", venv, n_steps=n_steps, batch_size=minibatch, n_epochs=PPO_DEFAULTS["n_epochs"],
                 learning_rate=PPO_DEFAULTS["learning_rate"], gamma=req.gamma,
                 gae_lambda=PPO_DEFAULTS["gae_lambda"], clip_range=PPO_DEFAULTS["clip_range"],
-                ent_coef=PPO_DEFAULTS["ent_coef"], seed=req.seed, device="cpu", verbose=0,
+                ent_coef=PPO_DEFAULTS["ent_coef"], normalize_advantage=normalize_advantage, seed=req.seed,
+                device="cpu", verbose=0,
                 policy_kwargs={"net_arch": {"pi": PPO_DEFAULTS["hidden"], "vf": PPO_DEFAULTS["hidden"]},
                                "activation_fn": nn.Tanh, "log_std_init": math.log(req.action_std)})
     envs: list[HyperparamControlEnv] = [e for e in venv.venv.venv.envs]  # type: ignore[attr-defined]

@@ -45,9 +45,12 @@ def add_parser(sub: Any) -> None:
                    help="teacher-driven warm-start episodes per training task before PPO: the actor set to the "
                    "teacher's actions, the critic fit to its returns, the observation statistics from its runs "
                    "(default %(default)s: none)")
-    p.add_argument("--reward", default="delta", choices=("delta", "final"),
+    p.add_argument("--reward", default="delta", choices=("delta", "final", "teacher"),
                    help="delta: the validation score's change at each decision; final: the whole run's score gain, "
-                   "once, at its end (default %(default)s)")
+                   "once, at its end; teacher: the final score minus that of the teacher's own run on the same "
+                   "seed and start (one more run per episode, counted; needs --teacher; PPO's advantages are then "
+                   "not normalised, so a policy whose deviations all lose moves back to the teacher) "
+                   "(default %(default)s)")
     p.add_argument("--gamma", type=float, default=0.95,
                    help="PPO discount per decision; near 1 values the final score, not the next decision's "
                    "(default %(default)s)")

@@ -16,7 +16,11 @@ decision), with a small controller inside it that applies the agent's action and
 * **Reward** (``reward="delta"``, the default): the change of the validation score ``-log(error)`` (see
   :func:`~metacore.controllers.ppo.features.score`) since the previous decision, so the undiscounted return is the log
   error-reduction ratio of the whole run, comparable across tasks. ``reward="final"``: 0 until the last decision,
-  then the whole run's score gain, so only the final validation score counts whatever the discount. A rollback costs
+  then the whole run's score gain, so only the final validation score counts whatever the discount.
+  ``reward="teacher"`` (needs a ``teacher``): 0 until the last decision, then the run's final score minus the final
+  score of the teacher's own run on the same task, seed and initial rate (the residual held at 0, run to the end at
+  the episode's reset): the return is the gain over the rule, paired so that the seed's and the start's luck cancel.
+  The teacher's run costs one more run per episode, counted in the step's ``teacher_steps``. A rollback costs
   ``rollback_penalty``; a diverged run ends the episode and gives back all its progress plus
   ``divergence_penalty``.
 
@@ -39,7 +43,7 @@ from metacore.core.controller import Controller, StepContext
 from metacore.core.errors import UsageError
 from metacore.core.state import TrainingState
 
-REWARDS = ("delta", "final")
+REWARDS = ("delta", "final", "teacher")
 
 
 class _EnvController(ResidualHost, Controller):
@@ -119,6 +123,8 @@ class HyperparamControlEnv(gym.Env):
             raise UsageError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
         self.teacher = None if teacher in (None, "", "none") else str(teacher)
         self.teacher_options = dict(teacher_options or {})
+        if reward == "teacher" and self.teacher is None:
+            raise UsageError("reward 'teacher' pays the gain over the teacher's own run: it needs a teacher")
         if self.teacher is not None:
             Residual(self.teacher, self.teacher_options, hparams)  # an unknown teacher or bad options: fail now
         self.reward_mode = reward
@@ -164,7 +170,7 @@ class HyperparamControlEnv(gym.Env):
         """The state right after the reset that drew ``info`` (its ``episode_info``), with the episode generator's
         state ``rng_state`` (``np_random.bit_generator.state``): a meta-training checkpoint's resume. The run is
         rebuilt from its task, seed and initial rate, so it is the very run the reset started."""
-        obs, _ = self._start(str(info["task"]), int(info["seed"]), float(info["lr0"]))
+        obs, _ = self._start(str(info["task"]), int(info["seed"]), float(info["lr0"]), info.get("teacher_score"))
         self.np_random.bit_generator.state = dict(rng_state)
         return obs
 
@@ -193,14 +199,15 @@ class HyperparamControlEnv(gym.Env):
         self.np_random.bit_generator.state = dict(snap["rng"])
         return obs
 
-    def _start(self, name: str, run_seed: int, lr0: float):
+    def _build(self, name: str, run_seed: int, lr0: float):
+        """A fresh run of ``name`` from ``lr0`` with this environment's controller for it (agent-driven or, with no
+        pending action ever, the teacher's own run) and its initial validation score."""
         from metacore.core.task import TaskContext
         from metacore.core.trainer import Trainer, TrainerConfig
 
         task, preset = self.tasks[name], self.presets[name]
         space = task.hparam_space()
         hparams = space.defaults()
-        lr_spec = space["lr"]
         hparams["lr"] = lr0
         interval = self.interval_for(name)
         log_interval = preset.log_interval if interval % preset.log_interval == 0 else interval
@@ -209,18 +216,41 @@ class HyperparamControlEnv(gym.Env):
                                             _path(self.data_dir), dict(hparams)))
         ctx = TaskContext(preset, dict(self.options[name]), run_seed, self.device, _path(self.data_dir),
                           dict(hparams))
-        self.tracker = FeatureTracker(hparams["lr"], lr_spec.default)
+        tracker = FeatureTracker(hparams["lr"], space["lr"].default)
         residual = Residual(self.teacher, self.teacher_options, self.hparam_names) if self.teacher else None
-        self.controller = _EnvController(self.tracker, residual)
-        self.trainer = Trainer(task, self.controller, ctx, hparams, config, data=data)
-        self.interval = interval
+        controller = _EnvController(tracker, residual)
+        trainer = Trainer(task, controller, ctx, hparams, config, data=data)
+        score0 = score(trainer.evaluate("val", record=False)[task.primary_metric], task.direction)
+        return trainer, controller, tracker, interval, score0
+
+    def _teacher_score(self, name: str, run_seed: int, lr0: float) -> float:
+        """The final validation score of the teacher's own run (residual 0 throughout), decision by decision as an
+        episode runs; a run that diverges for good scores as it started."""
+        trainer, _, _, interval, score0 = self._build(name, run_seed, lr0)
+        for _ in range(self.horizon):
+            trainer.advance(interval)
+            if trainer.diverged:
+                return score0
+        trainer.evaluate("val")
+        value = trainer.val_metrics.get(self.tasks[name].primary_metric, math.nan)
+        return score(value, self.tasks[name].direction) if math.isfinite(value) else score0
+
+    def _start(self, name: str, run_seed: int, lr0: float, teacher_score: float | None = None):
+        task = self.tasks[name]
+        self.teacher_score = None
+        if self.reward_mode == "teacher":  # before the episode's run is built, which re-seeds the generators
+            known = teacher_score is not None
+            self.teacher_score = float(teacher_score) if known else self._teacher_score(name, run_seed, lr0)
+        self.trainer, self.controller, self.tracker, self.interval, self.score0 = self._build(name, run_seed, lr0)
         self.task_name = name
         self.direction = task.direction
         self.primary = task.primary_metric
-        self.score0 = score(self.trainer.evaluate("val", record=False)[self.primary], self.direction)
         self.score = self.score0
         self.rollbacks = 0
-        self.episode_info = {"task": name, "seed": run_seed, "lr0": hparams["lr"], "interval": interval}
+        self.episode_info = {"task": name, "seed": run_seed, "lr0": float(lr0),
+                             "interval": self.interval}
+        if self.teacher_score is not None:
+            self.episode_info["teacher_score"] = self.teacher_score
         return self._observe(self.trainer.state()), dict(self.episode_info)
 
     def step(self, action):
@@ -242,6 +272,8 @@ class HyperparamControlEnv(gym.Env):
         terminated = False
         if trainer.diverged:  # "delta" gives back what it paid so far; "final" paid nothing yet
             reward += -(self.score - self.score0) * (self.reward_mode == "delta") - self.divergence_penalty
+            if self.reward_mode == "teacher":  # the run's gain counts as none, against the teacher's
+                reward += self.score0 - self.teacher_score
             terminated = True
         else:
             if trainer.step >= trainer.config.budget:
@@ -252,13 +284,17 @@ class HyperparamControlEnv(gym.Env):
             new_score = score(value, self.direction) if math.isfinite(value) else self.score
             if self.reward_mode == "delta":
                 reward += new_score - self.score
-            elif terminated:  # "final": the whole run's gain, once
+            elif terminated and self.reward_mode == "final":  # the whole run's gain, once
                 reward += new_score - self.score0
+            elif terminated:  # "teacher": the gain over the teacher's own run, once
+                reward += new_score - self.teacher_score
             self.score = new_score
         obs = self._observe(state)
         info = {**self.episode_info, "step": trainer.step, "lr": float(state.hparams["lr"]),
                 "score": self.score - self.score0, "val": trainer.val_metrics.get(self.primary, math.nan),
                 "diverged": trainer.diverged}
+        if terminated and self.teacher_score is not None:  # the compute of the teacher's run, once per episode
+            info["teacher_steps"] = trainer.config.budget
         return obs, float(reward), terminated, False, info
 
     def _observe(self, state: TrainingState) -> np.ndarray:
