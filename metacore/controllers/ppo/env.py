@@ -239,8 +239,8 @@ class HyperparamControlEnv(gym.Env):
         task = self.tasks[name]
         self.teacher_score = None
         if self.reward_mode == "teacher":  # before the episode's run is built, which re-seeds the generators
-            known = teacher_score is not None
-            self.teacher_score = float(teacher_score) if known else self._teacher_score(name, run_seed, lr0)
+            self.teacher_score = (self._teacher_score(name, run_seed, lr0) if teacher_score is None
+                                  else float(teacher_score))
         self.trainer, self.controller, self.tracker, self.interval, self.score0 = self._build(name, run_seed, lr0)
         self.task_name = name
         self.direction = task.direction
