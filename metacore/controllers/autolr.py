@@ -23,7 +23,15 @@ fixed rate (docs/results.md). ``autolr`` treats the user's initial rate as a *hi
    after the search, ending with the budget (``TrainingState.budget``) — a warmup-stable-decay shape (Hu et al. 2024;
    Hägele et al. 2024). At a fixed budget a decayed rate beats a constant one, and holding the peak before the decay
    beat a cosine over the whole remainder on cifar10 (docs/results.md).
-3. **Guard**: after the search, a smoothed loss that rises ``guard_rise`` above its minimum again halves the peak
+3. **Layer rates** (plain SGD only): a weight followed by a normalisation (BatchNorm after a convolution) is
+   scale-invariant, so its gradient is orthogonal to it and SGD turns it by about ``lr / ||w||²`` a step. With
+   Kaiming initialisation ``||w||²`` is twice the layer's input channels, so on a ResNet the last stage turns 8-40
+   times slower than the first, where Adam-family optimizers turn the wide layers *faster*. The weights whose
+   gradient is orthogonal to them at the first step (``|cos| < layer_tol``) get a rate of ``lr × ||w₀||² / the
+   median over them`` for the whole run (:class:`~metacore.core.controller.TensorRates`: the driver scales their
+   updates), which evens out their turning rates; the search then finds the one rate for all of them. Every other
+   parameter keeps ``lr``. Adaptive optimizers are left alone (``layer_rates`` applies to ``torch.optim.SGD``).
+4. **Guard**: after the search, a smoothed loss that rises ``guard_rise`` above its minimum again halves the peak
    (once per ``guard_every`` steps); a trainer rollback halves it too.
 
 Everything it needs is the loss of each step (``StepContext.loss``, read back only during the search, so a GPU
@@ -86,6 +94,13 @@ class AutoLRController(Controller):
         "guard_rise": OptionSpec("guard_rise", 0.5, float, "after the search, a smoothed loss this fraction above "
                                  "its minimum halves the peak (0: off)", 0.0, None),
         "guard_every": OptionSpec("guard_every", 20, int, "steps between two guard cuts", 1, None),
+        "layer_rates": OptionSpec("layer_rates", True, bool, "on torch.optim.SGD: scale-invariant weights (gradient "
+                                  "orthogonal to the weight at the first step) get lr × ||w0||² / their median",
+                                  None, None),
+        "layer_power": OptionSpec("layer_power", 1.0, float, "layer rates are (||w0||² / their median) to this power "
+                                  "(1: even turning rates)", 0.0, 4.0),
+        "layer_tol": OptionSpec("layer_tol", 1e-3, float, "a weight whose |cos(gradient, weight)| at the first step "
+                                "is below this counts as scale-invariant", 0.0, 1.0),
         "keep_every": OptionSpec("keep_every", 5, int, "during the search, the weights at a new loss minimum are "
                                  "kept at most every this many steps, and restored when the search stops on a rise "
                                  "(0: never)", 0, None),
@@ -122,6 +137,7 @@ class AutoLRController(Controller):
         self.kept_lr = 0.0
         self.went_back = 0
         self._request: str | None = None
+        self.rates: list[float] | None = None  # per-tensor rate multipliers, fixed at the first step; [] for none
 
     def reset(self, hparams: Mapping[str, float], seed: int, space: HParamSpace, budget: int) -> None:
         super().reset(hparams, seed, space, budget)
@@ -141,6 +157,30 @@ class AutoLRController(Controller):
     def observe_gradients(self, ctx: StepContext) -> None:
         if ctx.loss is not None and self.phase == SEARCH:  # the one read-back, during the search only
             self._loss = float(ctx.loss)
+
+    def tensor_rates(self, ctx: StepContext) -> list[float] | None:
+        if self.rates is None:
+            self.rates = self._layer_rates(ctx)
+        return self.rates or None
+
+    def _layer_rates(self, ctx: StepContext) -> list[float]:
+        """``||w0||² / median`` for each scale-invariant weight of plain SGD, 1.0 for the rest; [] where none apply."""
+        import torch
+
+        if not self.config["layer_rates"] or not isinstance(ctx.optimizer, torch.optim.SGD):
+            return []
+        tol, squares = self.config["layer_tol"], {}
+        with torch.no_grad():
+            for i, (p, g) in enumerate(zip(ctx.params, ctx.grads, strict=True)):
+                if p.ndim < 2:
+                    continue
+                pn, gn = float(p.norm()), float(g.norm())
+                if pn > 0 and gn > 0 and abs(float((p * g).sum())) / (pn * gn) < tol:
+                    squares[i] = pn * pn
+        if len(squares) < 2:
+            return []
+        median, power = statistics.median(squares.values()), self.config["layer_power"]
+        return [(squares[i] / median) ** power if i in squares else 1.0 for i in range(len(ctx.params))]
 
     def after_step(self, ctx: StepContext) -> None:
         request, self._request = self._request, None
@@ -323,7 +363,8 @@ class AutoLRController(Controller):
         return {"autolr_peak": self.peak, "autolr_searching": float(self.phase == SEARCH),
                 "autolr_stop_lr": self.stop_lr, "autolr_cuts": float(self.cuts), "autolr_kept_lr": self.kept_lr,
                 "autolr_centered_lr": self.centered_lr, "autolr_edge_lr": self.edge_lr, "autolr_flat_lr": self.flat_lr,
-                "autolr_went_back": float(self.went_back)}
+                "autolr_went_back": float(self.went_back),
+                "autolr_layer_tensors": float(sum(r != 1.0 for r in self.rates or []))}
 
     def state_dict(self) -> dict[str, Any]:
         return {"phase": self.phase, "lr": self.lr, "growth": self.growth, "peak": self.peak,
@@ -332,7 +373,8 @@ class AutoLRController(Controller):
                 "last_cut": self.last_cut, "cuts": self.cuts, "kept_step": self.kept_step, "kept_lr": self.kept_lr,
                 "went_back": self.went_back, "curve_lr": list(self.curve_lr), "curve_loss": list(self.curve_loss),
                 "centered_lr": self.centered_lr, "edge_lr": self.edge_lr, "flat_lr": self.flat_lr, "hint": self.hint,
-                "request": self._request or "",
+                "request": self._request or "", "rates": [] if self.rates is None else list(self.rates),
+                "rates_set": self.rates is not None,
                 "last_logged": self._last_logged, "last_step": self._last_step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -352,6 +394,7 @@ class AutoLRController(Controller):
         self.edge_lr = float(state.get("edge_lr", 0.0))
         self.flat_lr, self.hint = float(state.get("flat_lr", 0.0)), float(state.get("hint", 0.0))
         self._request = str(state.get("request", "")) or None
+        self.rates = [float(r) for r in state.get("rates", [])] if state.get("rates_set", False) else None
         self._last_logged = float(state.get("last_logged", math.nan))
         self._last_step = int(state.get("last_step", -1))
 

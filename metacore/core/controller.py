@@ -10,12 +10,15 @@ Optional capabilities are detected, not required:
   ``after_step(ctx)`` right after the step (a hypergradient controller needs the current gradient and the update the
   optimizer just made). ``ctx.val_loss_and_grads()`` computes the loss and gradients of a validation batch, for
   controllers that adapt to held-out performance.
+* :class:`TensorRates` — ``tensor_rates(ctx)``, asked right after ``observe_gradients``: a multiplier of the learning
+  rate per parameter of ``ctx.params`` (or ``None``). The driver scales each parameter's update by its multiplier
+  right after the optimizer step, before ``after_step``: the same as a per-tensor learning rate, for any optimizer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Protocol, Sequence, runtime_checkable
 
 from metacore.core.hparams import HParamSpace
 from metacore.core.options import OptionSet, OptionSpec
@@ -87,3 +90,11 @@ class GradientObserver(Protocol):
     def observe_gradients(self, ctx: StepContext) -> None: ...
 
     def after_step(self, ctx: StepContext) -> None: ...
+
+
+@runtime_checkable
+class TensorRates(Protocol):
+    """A gradient observer that also sets per-tensor rates: one multiplier per ``ctx.params`` entry (1.0: as the
+    optimizer stepped it), or ``None`` for none this step. The driver applies ``p = before + m * (after - before)``."""
+
+    def tensor_rates(self, ctx: StepContext) -> Sequence[float] | None: ...

@@ -9,9 +9,11 @@ step::
     loss.backward()                        # the integration's loop
     driver.before_optimizer_step(step, epoch=..., budget=...)
         # gradient observers: observe_gradients(StepContext)   (gradients final, parameters not yet updated)
+        # per-tensor rates: tensor_rates(StepContext) -> a multiplier per parameter (the parameters copied)
         # act(TrainingState) -> raw proposal -> on_proposal(raw) -> space.sanitize -> hparams -> write(changes)
     optimizer.step()
-    driver.after_optimizer_step()          # gradient observers: after_step(StepContext) (the update just made)
+    driver.after_optimizer_step()          # per-tensor rates: each update scaled by its multiplier;
+                                           # gradient observers: after_step(StepContext) (the update just made)
 
 and, at the integration's own cadence: ``record_loss(mean)`` when a training loss is read back, ``record_eval(metrics)``
 after an evaluation, ``log_metrics()`` for the ``hparam/*`` and ``controller/*`` scalars, ``rollback(hparams)`` after
@@ -37,7 +39,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-from metacore.core.controller import Controller, GradientObserver, StepContext
+from metacore.core.controller import Controller, GradientObserver, StepContext, TensorRates
 from metacore.core.errors import ControllerError
 from metacore.core.hparams import HParamSpace, check_deferred
 from metacore.core.state import TrainingState
@@ -90,6 +92,8 @@ class ControllerDriver:
         self.write_every_step = write_every_step
         self.keep, self.go_back = keep, go_back
         self.observer = isinstance(controller, GradientObserver)
+        self.rater = self.observer and isinstance(controller, TensorRates)
+        self._scaled: tuple[list, list, list[float]] | None = None  # (params, their copies before the step, rates)
         self.hparams: dict[str, Any] = {}  # the values in force (numbers, or 0-dim tensors a controller keeps)
         self.train_losses: list[float] = []
         self.val_metrics: dict[str, float] = {}
@@ -121,6 +125,8 @@ class ControllerDriver:
         if self.observer:
             self._step_ctx = self.step_context(step, loss)
             self.controller.observe_gradients(self._step_ctx)
+            if self.rater:
+                self._scaled = self._take_rates(self._step_ctx)
         changes = self.propose(self.state(step, epoch=epoch, budget=budget, rollbacks=rollbacks))
         if changes:
             self.hparams.update(changes)
@@ -143,8 +149,32 @@ class ControllerDriver:
             self.on_proposal(raw)
         return self.space.sanitize(raw, self.name, self._unchecked) if raw else {}
 
+    def _take_rates(self, ctx: StepContext) -> tuple[list, list, list[float]] | None:
+        """The controller's per-tensor rates for this step, with a copy of each parameter whose rate is not 1."""
+        rates = self.controller.tensor_rates(ctx)
+        if rates is None:
+            return None
+        if len(rates) != len(ctx.params):
+            raise ControllerError(f"controller {self.name!r}: tensor_rates() gave {len(rates)} rates for "
+                                  f"{len(ctx.params)} parameters")
+        picked = [(p, float(r)) for p, r in zip(ctx.params, rates, strict=True) if float(r) != 1.0]
+        if not picked:
+            return None
+        if not all(math.isfinite(r) and r >= 0 for _, r in picked):
+            raise ControllerError(f"controller {self.name!r}: tensor_rates() must be finite and >= 0")
+        params = [p for p, _ in picked]
+        return params, [p.detach().clone() for p in params], [r for _, r in picked]
+
     def after_optimizer_step(self) -> None:
-        """The optimizer has stepped: a gradient observer sees the update it made."""
+        """The optimizer has stepped: per-tensor rates scale the updates, then a gradient observer sees them."""
+        if self._scaled is not None:
+            import torch
+
+            params, before, rates = self._scaled
+            self._scaled = None
+            with torch.no_grad():
+                for p, b, r in zip(params, before, rates, strict=True):
+                    p.sub_(b).mul_(r).add_(b)  # before + r * (after - before)
         if self._step_ctx is not None:
             self.controller.after_step(self._step_ctx)
             self._step_ctx = None

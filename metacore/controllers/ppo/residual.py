@@ -21,7 +21,7 @@ import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
-from metacore.core.controller import Controller, GradientObserver, StepContext
+from metacore.core.controller import Controller, GradientObserver, StepContext, TensorRates
 from metacore.core.errors import UsageError
 from metacore.core.hparams import HParamSpace
 from metacore.core.state import TrainingState
@@ -83,6 +83,12 @@ class Residual:
             self._ctx = dataclasses.replace(ctx, hparams=self.view)
             self.teacher.observe_gradients(self._ctx)
 
+    def tensor_rates(self, ctx: StepContext) -> Sequence[float] | None:
+        """The teacher's per-tensor rates (``autolr``'s layer rates), unchanged: the residual scales only ``lr``."""
+        if self.observer and isinstance(self.teacher, TensorRates):
+            return self.teacher.tensor_rates(self._ctx if self._ctx is not None else ctx)
+        return None
+
     def after_step(self, ctx: StepContext) -> None:
         if self.observer and self._ctx is not None:
             self.teacher.after_step(self._ctx)
@@ -137,6 +143,9 @@ class ResidualHost:
     def after_step(self, ctx: StepContext) -> None:
         if self.residual is not None:
             self.residual.after_step(ctx)
+
+    def tensor_rates(self, ctx: StepContext) -> Sequence[float] | None:
+        return self.residual.tensor_rates(ctx) if self.residual is not None else None
 
     def _pass_gradients(self, ctx: StepContext) -> None:
         if self.residual is not None:
