@@ -3,7 +3,7 @@
 The public API is re-exported here. Importing it loads no torch, mlflow or transformers.
 """
 
-from metacore.core.controller import Controller, GradientObserver, StepContext
+from metacore.core.controller import Controller, GradientObserver, StepContext, TensorRates
 from metacore.core.errors import MetacoreError
 from metacore.core.hookspecs import hookimpl, hookspec
 from metacore.core.hparams import HParamSpace, HParamSpec
@@ -17,6 +17,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Controller", "GradientObserver", "HParamSpace", "HParamSpec", "MetacoreError", "Optimizer", "OptionSpec", "Preset",
-    "StepContext", "Task", "TaskContext", "TaskData", "TrainingState", "get_plugin_manager", "hookimpl", "hookspec",
-    "load_registry", "__version__",
+    "StepContext", "TensorRates", "Task", "TaskContext", "TaskData", "TrainingState", "get_plugin_manager", "hookimpl",
+    "hookspec", "load_registry", "__version__",
 ]
