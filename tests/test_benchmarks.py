@@ -211,3 +211,17 @@ def test_loto_table_names_a_missing_experiment_in_one_line(tmp_path, capsys):
                    "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_weight_averaging_evaluates_the_run_and_each_average(tmp_path):
+    """One smoke run of the weight-averaging bench: the run's own weights and every average are evaluated, with and
+    without re-estimated BatchNorm statistics, and the JSON holds what was printed."""
+    out = tmp_path / "wa.json"
+    proc = subprocess.run([sys.executable, "benchmarks/weight_averaging.py", "--task", "digits", "--preset", "smoke",
+                           "--seeds", "0", "--decays", "0.9", "--tails", "0.5", "--json", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [row] = json.loads(out.read_text())
+    assert set(row["test"]) == {"run", "ema 0.9", "last 50% uniform"}  # digits has no BatchNorm to re-estimate
+    assert row["bn_passes"] == 0 and all(0.0 <= v <= 1.0 for v in row["test"].values())
+    assert "seed 0" in proc.stdout
