@@ -187,7 +187,7 @@ def measure_controllers(setup: Setup, controllers: list[str] | None, steps: int,
             trainer = setup.trainer(name, budget)
             trainer.advance(warmup)
             trainers[name] = trainer
-            spent[name] = _time_controller_calls(trainer.controller)
+            spent[name] = _time_controller_calls(trainer.controller, trainer.driver)
         except Exception as exc:  # a controller that cannot run here is reported, not fatal
             errors[name] = f"{type(exc).__name__}: {exc}"
             _log(f"  {name}: skipped ({errors[name]})", quiet)
@@ -207,8 +207,9 @@ def measure_controllers(setup: Setup, controllers: list[str] | None, steps: int,
         out[name] = {
             "step_time_ratio": r["ratio"], "ratio_min": r["ratio_min"], "ratio_max": r["ratio_max"],
             "step_ms": r["step_ms"], "static_step_ms": r["reference_step_ms"], "step_cpu_ratio": r["cpu_ratio"],
-            # time inside the controller's own calls (observe_gradients, act, after_step), per step: less exposed
-            # to a busy machine than the difference of two step times
+            # time inside the controller's own calls (observe_gradients, act, after_step) and the driver's work
+            # for its per-tensor rates, per step: less exposed to a busy machine than the difference of two step
+            # times
             "controller_ms": round(1000 * controller_s, 4),
             "controller_cpu_ms": round(1000 * spent[name][1] / (steps * reps), 4),
             "controller_share": round(controller_s / max(1e-12, static_wall), 5),
@@ -219,14 +220,18 @@ def measure_controllers(setup: Setup, controllers: list[str] | None, steps: int,
             "model_params": sum(p.numel() for p in trainers["static"].model.parameters()), "results": out}
 
 
-def _time_controller_calls(controller: Any) -> list[float]:
-    """Wrap the controller's per-step methods to accumulate the seconds spent in them (a two-element box)."""
-    return _time_calls(controller, ("observe_gradients", "act", "after_step"))
+def _time_controller_calls(controller: Any, driver: Any = None) -> list[float]:
+    """Wrap the controller's per-step methods to accumulate the seconds spent in them (a two-element box), and the
+    driver's work for the controller's per-tensor rates (the copies before the step, the scaling after it)."""
+    box = _time_calls(controller, ("observe_gradients", "act", "after_step"))  # tensor_rates: inside _take_rates
+    if driver is not None:
+        _time_calls(driver, ("_take_rates", "_apply_rates"), box)
+    return box
 
 
-def _time_calls(obj: Any, methods: tuple[str, ...]) -> list[float]:
+def _time_calls(obj: Any, methods: tuple[str, ...], box: list[float] | None = None) -> list[float]:
     """Wrap ``obj``'s methods to accumulate the seconds spent in them: a two-element box [wall, process CPU]."""
-    box = [0.0, 0.0]
+    box = [0.0, 0.0] if box is None else box
     for method in methods:
         inner = getattr(obj, method, None)
         if inner is None:

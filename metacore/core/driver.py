@@ -165,16 +165,20 @@ class ControllerDriver:
         params = [p for p, _ in picked]
         return params, [p.detach().clone() for p in params], [r for _, r in picked]
 
+    def _apply_rates(self) -> None:
+        """Each rated parameter becomes ``before + rate * (after - before)``: its update scaled."""
+        import torch
+
+        params, before, rates = self._scaled
+        self._scaled = None
+        with torch.no_grad():
+            for p, b, r in zip(params, before, rates, strict=True):
+                p.sub_(b).mul_(r).add_(b)
+
     def after_optimizer_step(self) -> None:
         """The optimizer has stepped: per-tensor rates scale the updates, then a gradient observer sees them."""
         if self._scaled is not None:
-            import torch
-
-            params, before, rates = self._scaled
-            self._scaled = None
-            with torch.no_grad():
-                for p, b, r in zip(params, before, rates, strict=True):
-                    p.sub_(b).mul_(r).add_(b)  # before + r * (after - before)
+            self._apply_rates()
         if self._step_ctx is not None:
             self.controller.after_step(self._step_ctx)
             self._step_ctx = None
