@@ -154,3 +154,15 @@ def test_autolr_leaves_adaptive_optimizers_and_switched_off_runs_alone(optimizer
     ctl, _, rates = _autolr_rates(optimizer_cls, **options)
     assert rates is None
     assert ctl.rates == []
+
+
+def test_a_residual_policy_passes_its_teachers_layer_rates_on(data_dir):
+    """``ppo`` over ``autolr`` (the shipped policy) on cifar10: the driver gets the teacher's layer rates."""
+    from metacore.core.registry import load_registry
+    from metacore.testing import run_controller
+
+    registry = load_registry(entry_points=False)
+    ctl = registry.controller("ppo").obj()
+    trainer, _ = run_controller(ctl, registry.task("cifar10").obj(), steps=3, data_dir=data_dir)
+    assert trainer.driver.rater
+    assert ctl.diagnostics()["teacher_autolr_layer_tensors"] == 20.0  # every convolution of the ResNet-18
