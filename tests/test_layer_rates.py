@@ -146,6 +146,8 @@ def test_autolr_gives_the_scale_invariant_weights_of_sgd_their_norm_over_the_med
     assert clone.rates == rates
     _, _, squared = _autolr_rates(layer_power=2.0)
     assert squared == pytest.approx([r * r for r in rates])
+    _, _, vectors = _autolr_rates(vector_factor=3.0)  # BatchNorm's scales and shifts, the head's bias
+    assert vectors == pytest.approx([3.0 if p.ndim == 1 else r for p, r in zip(params, rates, strict=True)])
 
 
 @pytest.mark.parametrize("optimizer_cls, options", [(torch.optim.Adam, {}), (torch.optim.SGD, {"layer_rates": False}),

@@ -99,6 +99,8 @@ class AutoLRController(Controller):
                                   None, None),
         "layer_power": OptionSpec("layer_power", 1.0, float, "layer rates are (||w0||² / their median) to this power "
                                   "(1: even turning rates)", 0.0, 4.0),
+        "vector_factor": OptionSpec("vector_factor", 1.0, float, "while layer rates apply, one-dimensional parameters "
+                                    "(normalisation scales and shifts, biases) get lr times this", 0.0, 100.0),
         "layer_tol": OptionSpec("layer_tol", 1e-3, float, "a weight whose |cos(gradient, weight)| at the first step "
                                 "is below this counts as scale-invariant", 0.0, 1.0),
         "keep_every": OptionSpec("keep_every", 5, int, "during the search, the weights at a new loss minimum are "
@@ -180,7 +182,9 @@ class AutoLRController(Controller):
         if len(squares) < 2:
             return []
         median, power = statistics.median(squares.values()), self.config["layer_power"]
-        return [(squares[i] / median) ** power if i in squares else 1.0 for i in range(len(ctx.params))]
+        vector = self.config["vector_factor"]
+        return [(squares[i] / median) ** power if i in squares else vector if p.ndim == 1 else 1.0
+                for i, p in enumerate(ctx.params)]
 
     def after_step(self, ctx: StepContext) -> None:
         request, self._request = self._request, None
