@@ -168,3 +168,21 @@ def test_a_residual_policy_passes_its_teachers_layer_rates_on(data_dir):
     trainer, _ = run_controller(ctl, registry.task("cifar10").obj(), steps=3, data_dir=data_dir)
     assert trainer.driver.rater
     assert ctl.diagnostics()["teacher_autolr_layer_tensors"] == 20.0  # every convolution of the ResNet-18
+
+
+def test_autolr_rates_resume_as_saved_and_an_older_checkpoint_keeps_running_without_them():
+    fresh = AutoLRController()
+    fresh.reset({"lr": 0.1, "momentum": 0.0}, 0, SPACE, 100)
+    state = fresh.state_dict()
+    assert state["rates"] is None  # not decided before the first step
+    ctl, params, rates = _autolr_rates()
+    clone = AutoLRController()
+    clone.reset({"lr": 0.1, "momentum": 0.0}, 0, SPACE, 100)
+    clone.load_state_dict(state)
+    assert clone.rates is None
+    older = {k: v for k, v in ctl.state_dict().items() if k != "rates"}  # saved by a version without layer rates
+    clone.load_state_dict(older)
+    grads = _grads(_bn_net())
+    ctx = StepContext(step=5, params=params, grads=grads, optimizer=torch.optim.SGD(params, lr=0.1), hparams={},
+                      val_loss_and_grads=None)
+    assert clone.tensor_rates(ctx) is None and rates is not None

@@ -377,8 +377,7 @@ class AutoLRController(Controller):
                 "last_cut": self.last_cut, "cuts": self.cuts, "kept_step": self.kept_step, "kept_lr": self.kept_lr,
                 "went_back": self.went_back, "curve_lr": list(self.curve_lr), "curve_loss": list(self.curve_loss),
                 "centered_lr": self.centered_lr, "edge_lr": self.edge_lr, "flat_lr": self.flat_lr, "hint": self.hint,
-                "request": self._request or "", "rates": [] if self.rates is None else list(self.rates),
-                "rates_set": self.rates is not None,
+                "request": self._request or "", "rates": None if self.rates is None else list(self.rates),
                 "last_logged": self._last_logged, "last_step": self._last_step}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -398,7 +397,9 @@ class AutoLRController(Controller):
         self.edge_lr = float(state.get("edge_lr", 0.0))
         self.flat_lr, self.hint = float(state.get("flat_lr", 0.0)), float(state.get("hint", 0.0))
         self._request = str(state.get("request", "")) or None
-        self.rates = [float(r) for r in state.get("rates", [])] if state.get("rates_set", False) else None
+        # None: decided at the next step; a checkpoint from before layer rates has no key and keeps running without
+        rates = state.get("rates", [])
+        self.rates = None if rates is None else [float(r) for r in rates]
         self._last_logged = float(state.get("last_logged", math.nan))
         self._last_step = int(state.get("last_step", -1))
 

@@ -154,14 +154,15 @@ class ControllerDriver:
         rates = self.controller.tensor_rates(ctx)
         if rates is None:
             return None
+        rates = [float(r) for r in rates]
         if len(rates) != len(ctx.params):
             raise ControllerError(f"controller {self.name!r}: tensor_rates() gave {len(rates)} rates for "
                                   f"{len(ctx.params)} parameters")
-        picked = [(p, float(r)) for p, r in zip(ctx.params, rates, strict=True) if float(r) != 1.0]
+        if not all(math.isfinite(r) and r >= 0 for r in rates):
+            raise ControllerError(f"controller {self.name!r}: tensor_rates() must be finite and >= 0")
+        picked = [(p, r) for p, r in zip(ctx.params, rates, strict=True) if r != 1.0]
         if not picked:
             return None
-        if not all(math.isfinite(r) and r >= 0 for _, r in picked):
-            raise ControllerError(f"controller {self.name!r}: tensor_rates() must be finite and >= 0")
         params = [p for p, _ in picked]
         return params, [p.detach().clone() for p in params], [r for _, r in picked]
 

@@ -86,7 +86,7 @@ class Residual:
     def tensor_rates(self, ctx: StepContext) -> Sequence[float] | None:
         """The teacher's per-tensor rates (``autolr``'s layer rates), unchanged: the residual scales only ``lr``."""
         if self.observer and isinstance(self.teacher, TensorRates):
-            return self.teacher.tensor_rates(self._ctx if self._ctx is not None else ctx)
+            return self.teacher.tensor_rates(self._ctx or ctx)  # the teacher's view, set by observe_gradients
         return None
 
     def after_step(self, ctx: StepContext) -> None:
